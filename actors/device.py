@@ -1,0 +1,205 @@
+"""The device actor: one per device, the only place that decides what a device's data means.
+
+It decodes and validates each PUBLISH, runs the sequence tracker, keeps liveness (online,
+last seen) and hands the result of every drained batch to the storage writer as one
+:class:`~storage.records.DeviceBatch`, together with the completions the broker is waiting
+on. It never acknowledges anything itself: a completion resolves when the writer committed.
+
+On start it first waits for the writer to commit everything already submitted (so a restarted
+actor never reads state older than what is on its way to disk), then loads its state from
+the store. An exception while handling a batch fails that batch's completions (those messages
+are not acknowledged, so the device resends them) and propagates to the supervisor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import anyio
+
+from actors.mailbox import Mailbox
+from actors.messages import Completion, DeviceMessage, Link, LinkEvent, Outcome, Publish
+from actors.sequence import Counters, SequenceState, SequenceTracker
+from actors.stats import IngestStats
+from actors.writer import StorageWriter, WriteRequest
+from storage.contract import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    QuarantineReason,
+    Reading,
+    Rejection,
+    TopicKind,
+    decode_telemetry,
+)
+from storage.interfaces import IngestStore
+from storage.records import DeviceBatch, DeviceStateRecord, QuarantineRow, RawMessage, TelemetryRow
+
+log = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceActorConfig:
+    max_batch: int = 256
+    idle_timeout: float = 300.0
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+
+
+class DeviceActor:
+    def __init__(
+        self,
+        device_id: str,
+        mailbox: Mailbox[DeviceMessage],
+        *,
+        store: IngestStore,
+        writer: StorageWriter,
+        stats: IngestStats,
+        config: DeviceActorConfig,
+        may_retire: Callable[[], bool],
+        fault_hook: Callable[[str, DeviceMessage], None] | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.mailbox = mailbox
+        self._store = store
+        self._writer = writer
+        self._stats = stats
+        self._config = config
+        self._may_retire = may_retire
+        self._fault_hook = fault_hook
+        self._tracker = SequenceTracker()
+        self._online = False
+        self._last_seen: float | None = None
+
+    async def run(self) -> None:
+        await self._writer.barrier()
+        record = await self._store.load_device_state(self.device_id)
+        # Always start from what is committed: after a crash the in-memory tracker may hold
+        # readings of the failed batch, which were never stored and which the device resends.
+        self._tracker = SequenceTracker()
+        self._online = False
+        self._last_seen = None
+        if record is not None:
+            self._tracker = SequenceTracker(
+                SequenceState(
+                    boot=record.boot,
+                    low=record.low,
+                    high=record.high,
+                    gaps=list(record.gaps),
+                    counters=Counters(**record.counters),
+                )
+            )
+            self._online = record.online
+            self._last_seen = record.last_seen
+        while True:
+            with anyio.move_on_after(self._config.idle_timeout) as idle:
+                try:
+                    batch = await self.mailbox.receive_batch(self._config.max_batch)
+                except anyio.EndOfStream:
+                    return
+            if idle.cancelled_caught:
+                if self._may_retire():
+                    return
+                continue
+            await self._handle_batch(batch)
+
+    async def _handle_batch(self, batch: list[DeviceMessage]) -> None:
+        completions: list[Completion] = []
+        try:
+            messages: list[RawMessage] = []
+            for item in batch:
+                if self._fault_hook is not None:
+                    self._fault_hook(self.device_id, item)
+                if isinstance(item, Publish):
+                    if item.done is not None:
+                        completions.append(item.done)
+                    raw = self._handle_publish(item)
+                    if raw is not None:
+                        messages.append(raw)
+                else:
+                    self._handle_link(item)
+            request = WriteRequest(DeviceBatch(self.device_id, messages, self._snapshot()), completions)
+        except BaseException:
+            # Fail every completion of the batch, not only those collected so far: the items
+            # after the one that raised left the mailbox too, and nobody else will resolve them.
+            for item in batch:
+                if isinstance(item, Publish) and item.done is not None:
+                    item.done.resolve(Outcome.FAILED)
+            raise
+        await self._writer.submit(request)
+
+    def _handle_link(self, link: Link) -> None:
+        self._online = link.event is LinkEvent.CONNECTED
+        self._last_seen = max(self._last_seen or 0.0, link.at)
+
+    def _handle_publish(self, msg: Publish) -> RawMessage | None:
+        self._stats.publishes += 1
+        # Liveness (online) comes from the connection events alone: a publish that waited in
+        # the mailbox may be handled after its connection's DISCONNECTED event.
+        self._last_seen = max(self._last_seen or 0.0, msg.received_at)
+        if msg.kind is TopicKind.TELEMETRY:
+            self._tracker.count_received()
+            result = decode_telemetry(msg.payload, device_id=self.device_id, max_bytes=self._config.max_payload_bytes)
+        elif msg.kind is TopicKind.TELEMETRY_CBOR:
+            self._tracker.count_received()
+            result = Rejection(QuarantineReason.UNSUPPORTED_ENCODING, "CBOR telemetry is not accepted yet")
+        else:
+            # status and command acks change liveness only, until commands exist.
+            return None
+        raw = RawMessage(msg.topic, msg.received_at, msg.payload)
+        if isinstance(result, Rejection):
+            self._tracker.count_quarantined()
+            self._quarantine(raw, result.reason, result.detail)
+            return raw
+        return self._sequence(raw, result)
+
+    def _sequence(self, raw: RawMessage, reading: Reading) -> RawMessage | None:
+        verdict = self._tracker.observe(reading.boot, reading.seq)
+        if verdict.stores:
+            raw.telemetry.append(_row(reading))
+            self._stats.readings_stored += 1
+            if verdict.name == "LATE":
+                self._stats.readings_late += 1
+            return raw
+        if verdict.name == "DUPLICATE":
+            self._stats.readings_duplicate += 1
+            return None
+        self._quarantine(
+            raw,
+            QuarantineReason.STALE_BOOT,
+            f"boot {reading.boot} is lower than the current boot {self._tracker.state.boot}",
+        )
+        return raw
+
+    def _quarantine(self, raw: RawMessage, reason: QuarantineReason, detail: str) -> None:
+        raw.quarantine.append(QuarantineRow(reason, detail))
+        self._stats.count_quarantine(reason.value)
+
+    def _snapshot(self) -> DeviceStateRecord:
+        st = self._tracker.state
+        return DeviceStateRecord(
+            device_id=self.device_id,
+            boot=st.boot,
+            low=st.low,
+            high=st.high,
+            gaps=tuple(st.gaps),
+            counters=st.counters.as_dict(),
+            last_seen=self._last_seen,
+            online=self._online,
+        )
+
+
+def _row(reading: Reading) -> TelemetryRow:
+    m = reading.measurements.model_dump(exclude_none=True)
+    loc = reading.loc.model_dump() if reading.loc is not None else None
+    return TelemetryRow(
+        boot=reading.boot,
+        seq=reading.seq,
+        ts_ms=(reading.ts - _EPOCH) // _MS,
+        m_json=json.dumps(m, separators=(",", ":")),
+        loc_json=json.dumps(loc, separators=(",", ":")) if loc is not None else None,
+    )

@@ -1,0 +1,39 @@
+"""Plain counters the actors bump; ``web.metrics`` turns them into Prometheus metrics.
+
+Actors never touch prometheus_client: a bump here is one integer add, no label lookup, and
+the metric names live in one place (``web/metrics.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class IngestStats:
+    publishes: int = 0
+    readings_stored: int = 0
+    readings_duplicate: int = 0
+    readings_late: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    commits: int = 0
+    commit_rows: int = 0
+    commit_seconds: float = 0.0
+    commit_failures: int = 0
+    actor_restarts: int = 0
+    actors_started: int = 0
+    actors_retired: int = 0
+    devices_parked: int = 0
+    active_actors: int = 0
+    auth_refused: dict[str, int] = field(default_factory=dict)
+    acl_denied: dict[str, int] = field(default_factory=dict)
+    connections: int = 0
+
+    def count_quarantine(self, reason: str) -> None:
+        self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
+
+    def count_refusal(self, reason: str) -> None:
+        self.auth_refused[reason] = self.auth_refused.get(reason, 0) + 1
+
+    def count_denial(self, action: str) -> None:
+        self.acl_denied[action] = self.acl_denied.get(action, 0) + 1

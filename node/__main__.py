@@ -1,0 +1,5 @@
+"""``python -m node`` runs the ``depot-node`` command."""
+
+from node.cli import main
+
+main()

@@ -1,0 +1,178 @@
+"""The composition root: builds every part of the node and runs the supervision tree.
+
+Start-up order: storage (migrations) → storage writer → router → broker → HTTP. Readiness
+(``/readyz``) turns true part by part and :func:`run_node` reports the bound addresses through
+``task_status.started()`` only once all of them are up.
+
+Shutdown order (on ``shutdown`` being set, e.g. SIGINT/SIGTERM): stop HTTP, close the broker
+(no new PUBLISH can arrive), let every device actor drain its mailbox, let the storage writer
+commit the last group, then close SQLite. Nothing accepted before the shutdown is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from amqtt.errors import BrokerError
+from anyio.abc import TaskStatus
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+
+from actors.device import DeviceActorConfig
+from actors.router import Router, RouterConfig
+from actors.stats import IngestStats
+from actors.supervisor import Restart, RestartPolicy, supervise
+from actors.writer import StorageWriter
+from node.auth import DeviceGate
+from node.bridge import Bridge
+from node.broker import NodeBroker, broker_config
+from node.config import Settings, parse_bind
+from storage.errors import StartupError
+from storage.reader import Reader
+from storage.sqlite import SqliteStore
+from web.app import create_app
+from web.services import WebServices
+
+log = logging.getLogger(__name__)
+
+DB_FILENAME = "depot-node.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAddresses:
+    mqtt: tuple[str, int]
+    http: tuple[str, int]
+
+
+def database_path(data_dir: Path) -> Path:
+    return data_dir / DB_FILENAME
+
+
+def _http_config(bind: str) -> tuple[HypercornConfig, tuple[str, int]]:
+    """Hypercorn's config, on a socket bound here so that port 0 works and the real port is known."""
+    host, port = parse_bind(bind)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"HTTP listener {bind}: {exc.strerror or exc}") from exc
+        # Listening now means a client that connects before hypercorn's accept loop runs
+        # waits in the backlog instead of being refused: readiness can be reported at once.
+        sock.listen(1024)
+        addr = sock.getsockname()[:2]
+        config = HypercornConfig()
+        # Hypercorn takes ownership of the descriptor it is given; ours closes with the block.
+        config.bind = [f"fd://{os.dup(sock.fileno())}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 5.0
+    return config, addr
+
+
+async def run_node(
+    settings: Settings,
+    *,
+    shutdown: anyio.Event,
+    task_status: TaskStatus[NodeAddresses] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the whole node until *shutdown* is set, then stop it in order."""
+    stats = IngestStats()
+    db = database_path(settings.data_dir)
+    store = SqliteStore(db, synchronous=settings.sqlite_synchronous)
+    reader = Reader(db)
+    writer = StorageWriter(store, stats, max_group=settings.writer_max_group)
+    router = Router(
+        store,
+        writer,
+        stats,
+        RouterConfig(
+            mailbox_capacity=settings.device_mailbox,
+            actor=DeviceActorConfig(
+                idle_timeout=settings.device_idle_timeout_s, max_payload_bytes=settings.max_payload_bytes
+            ),
+        ),
+    )
+    gate = DeviceGate(reader, stats, concurrency=settings.auth_concurrency)
+    bridge = Bridge(gate, router, stats, disconnect_on_denial=settings.disconnect_on_acl_denial)
+
+    async def on_revoked(device_id: str) -> None:
+        gate.forget(device_id)
+        await bridge.disconnect(device_id)
+
+    readiness = {"storage": False, "broker": False, "http": False}
+    services = WebServices(reader=reader, store=store, stats=stats, readiness=readiness, on_revoked=on_revoked)
+    app = create_app(services)
+
+    hc, http_addr = _http_config(settings.http_bind)
+    http_stop = anyio.Event()
+    writer_done = anyio.Event()
+
+    async def run_http() -> None:
+        await serve(app, hc, shutdown_trigger=http_stop.wait)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_run_writer, writer, writer_done, name="storage-writer")
+            await tg.start(router.run, name="router")
+            readiness["storage"] = await reader.ping()
+            broker, mqtt_addr = await _start_broker(settings, bridge)
+            readiness["broker"] = True
+            tg.start_soon(run_http, name="http")
+            readiness["http"] = True
+            log.info("depot-node listening: mqtt://%s:%d http://%s:%d", *mqtt_addr, *http_addr)
+            log.info("data in %s", db.resolve())
+            task_status.started(NodeAddresses(mqtt=mqtt_addr, http=http_addr))
+
+            await shutdown.wait()
+            log.info("shutting down")
+            readiness.update(http=False, broker=False)
+            http_stop.set()
+            with anyio.CancelScope(shield=True):
+                await _drain(broker, router, writer, writer_done)
+            tg.cancel_scope.cancel()
+    finally:
+        writer.fail_pending()
+        reader.close()
+        store.close()
+        log.info("stopped")
+
+
+async def _run_writer(writer: StorageWriter, done: anyio.Event) -> None:
+    try:
+        # Storage is the node's reason to exist: past its restart limit the node stops.
+        await supervise(
+            "storage-writer", writer.run, RestartPolicy(restart=Restart.TRANSIENT, max_restarts=10, period=60.0)
+        )
+    finally:
+        done.set()
+
+
+async def _start_broker(settings: Settings, bridge: Bridge) -> tuple[NodeBroker, tuple[str, int]]:
+    host, port = parse_bind(settings.mqtt_bind)
+    broker = NodeBroker(broker_config(bridge, host=host, port=port, max_connections=settings.max_connections), bridge)
+    try:
+        await broker.start()
+    except BrokerError as exc:
+        raise StartupError(f"MQTT listener {settings.mqtt_bind}: {exc.__cause__ or exc}") from exc
+    addr = next(iter(broker._servers["default"].instance.sockets)).getsockname()[:2]  # noqa: SLF001 - no public accessor
+    return broker, addr
+
+
+async def _drain(broker: NodeBroker, router: Router, writer: StorageWriter, writer_done: anyio.Event) -> None:
+    """Stop in order so that nothing accepted is lost: broker, device actors, writer."""
+    # Bounded: a broker that cannot close its sockets must not keep the data already
+    # accepted from being committed below.
+    with anyio.move_on_after(15) as broker_stop:
+        await broker.shutdown()
+    if broker_stop.cancelled_caught:
+        log.warning("broker did not close within 15 s; committing what was accepted")
+    await router.close()
+    writer.mailbox.close_sending()
+    await writer_done.wait()

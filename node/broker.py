@@ -1,0 +1,160 @@
+"""The embedded amqtt 0.12.1 broker, with inbound PUBLISHes taken at the protocol handler.
+
+amqtt queues every inbound PUBLISH in a per-session queue that ``Broker._client_message_loop``
+drains one message per ``asyncio.wait`` round, and it sends the PUBACK *before* that: a client
+that disconnects with messages still queued loses them although each was acknowledged. So the
+node takes each PUBLISH where the acknowledgement is decided and never uses amqtt's delivery
+path for device → node traffic:
+
+* :class:`NodeProtocolHandler` overrides ``ProtocolHandler.handle_publish`` (called by
+  ``_reader_loop`` in one task per packet). It checks the ACL, hands the message to the
+  device's actor through the :class:`~node.bridge.Bridge`, waits for the commit, and only then
+  sends PUBACK (QoS 1) or PUBREC → PUBREL → PUBCOMP (QoS 2). A message that could not be made
+  durable is not acknowledged and the connection is closed, so the device resends it.
+* :class:`NodeBroker` makes every session use that handler: it overrides
+  ``Broker._initialize_client_session`` (which builds the handler through
+  ``BrokerProtocolHandler.init_from_connect``) and re-classes the handler it returns.
+
+Both replace amqtt internals, so this module is pinned to amqtt 0.12.1:
+``tests/integration/test_amqtt_pin.py`` fails when the upstream code changes.
+
+Node → device traffic (commands) still uses amqtt's own delivery, and so do subscriptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final, cast
+
+from amqtt.broker import Broker
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.pubcomp import PubcompPacket
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.mqtt.pubrec import PubrecPacket
+from amqtt.mqtt.pubrel import PubrelPacket
+
+from actors.messages import Outcome
+from node.bridge import Bridge
+from storage.contract import PUBLISH_KINDS, parse_topic
+
+log = logging.getLogger(__name__)
+
+AMQTT_VERSION: Final = "0.12.1"
+
+
+class NodeProtocolHandler(BrokerProtocolHandler):
+    """amqtt's broker-side protocol handler, with device PUBLISHes going to the node."""
+
+    bridge: Bridge
+
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        session = self.session
+        topic = publish_packet.topic_name
+        data = publish_packet.data
+        if session is None or topic is None or data is None:
+            return
+        header = publish_packet.variable_header
+        packet_id = header.packet_id if header is not None else None
+        qos = publish_packet.qos or QOS_0
+        if qos not in (QOS_0, QOS_1, QOS_2) or (qos != QOS_0 and packet_id is None):
+            await self._close("malformed PUBLISH (QoS or packet id)")
+            return
+        identity = session.username or ""
+        parsed = parse_topic(topic)
+        if parsed is None or parsed.device_id != identity or parsed.kind not in PUBLISH_KINDS:
+            # MQTT 3.1.1 has no negative PUBACK: acknowledge, drop, count, and optionally close.
+            self.bridge.denied(identity, "publish", topic)
+            if self.bridge.disconnect_on_denial:
+                await self._close("ACL denial")
+                return
+            await self._acknowledge(qos, packet_id)
+            return
+        outcome = await self.bridge.ingest(parsed, topic, bytes(data), wait=qos != QOS_0)
+        if outcome is Outcome.FAILED:
+            await self._close("message could not be made durable")
+            return
+        await self._acknowledge(qos, packet_id)
+
+    async def _acknowledge(self, qos: int, packet_id: int | None) -> None:
+        if packet_id is None or qos == QOS_0:
+            return
+        if qos == QOS_1:
+            await self._send_packet(PubackPacket.build(packet_id))
+            return
+        # QoS 2: the message is durable already, and (boot, seq) makes a resend harmless, so
+        # PUBREC now and complete the handshake as amqtt would.
+        waiter: asyncio.Future[PubrelPacket] = asyncio.get_running_loop().create_future()
+        previous = self._pubrel_waiters.get(packet_id)
+        if previous is not None and not previous.done():
+            previous.cancel()
+        self._pubrel_waiters[packet_id] = waiter
+        try:
+            await self._send_packet(PubrecPacket.build(packet_id))
+            await waiter
+        finally:
+            if self._pubrel_waiters.get(packet_id) is waiter:
+                del self._pubrel_waiters[packet_id]
+        await self._send_packet(PubcompPacket.build(packet_id))
+
+    async def _close(self, why: str) -> None:
+        client_id = self.session.client_id if self.session is not None else None
+        log.warning("closing MQTT session of %r: %s", client_id, why)
+        await self.handle_connection_closed()
+
+
+class NodeBroker(Broker):
+    """amqtt's Broker, with :class:`NodeProtocolHandler` for every client session."""
+
+    def __init__(self, config: dict[str, Any], bridge: Bridge) -> None:
+        super().__init__(config)
+        self.bridge = bridge
+        bridge.broker = self
+
+    async def _initialize_client_session(self, *args: Any, **kwargs: Any) -> Any:
+        handler, session = await super()._initialize_client_session(*args, **kwargs)
+        # init_from_connect() built a plain BrokerProtocolHandler; it holds no state that
+        # differs between the two classes, so re-classing it is safe (pinned, see module doc).
+        handler.__class__ = NodeProtocolHandler
+        cast("NodeProtocolHandler", handler).bridge = self.bridge
+        return handler, session
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        # amqtt lets socket errors of one connection escape its connection task (e.g. a client
+        # that hangs up right after a refused CONNACK makes write_eof() raise), and then the
+        # transport is never closed: asyncio logs "exception was never retrieved" and, worse,
+        # Server.wait_closed() waits for that transport forever at shutdown. Whatever happened,
+        # the connection is over when amqtt returns: close the transport (idempotent).
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            log.debug("MQTT connection ended with a socket error: %r", exc)
+        finally:
+            writer.close()
+
+    async def close_session(self, client_id: str) -> bool:
+        """Close *client_id*'s live connection; False when it has none."""
+        entry = self._sessions.get(client_id)
+        if entry is None:
+            return False
+        session, handler = entry
+        if not session.transitions.is_connected():
+            return False
+        await handler.handle_connection_closed()
+        return True
+
+
+def broker_config(bridge: Bridge, *, host: str, port: int, max_connections: int) -> dict[str, Any]:
+    """The amqtt configuration: one TCP listener, our two plugins, nothing else."""
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": bind, "max_connections": max_connections}},
+        "plugins": {
+            "node.plugins.DeviceAuthPlugin": {"bridge": bridge},
+            "node.plugins.DeviceAclPlugin": {"bridge": bridge},
+        },
+    }

@@ -1,0 +1,223 @@
+"""The device contract (protocol v2) in one place: device ids, topics, payload model.
+
+Everything that needs to know what a valid device id, topic or telemetry payload is imports
+it from here: the broker's ACL plugin, the device actor, the API models and the tests.
+This module must never do I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEVICE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+_DEVICE_ID_RE: Final = re.compile(DEVICE_ID_PATTERN)
+
+PROTOCOL_VERSION: Final = 2
+UINT32_MAX: Final = 2**32 - 1
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 16 * 1024
+
+DeviceType = Literal["dc_meter", "ac_meter"]
+DEVICE_TYPES: Final[tuple[str, ...]] = ("dc_meter", "ac_meter")
+
+
+def is_valid_device_id(value: str) -> bool:
+    """True when *value* is a device id: safe inside a topic level and an ACL pattern."""
+    # fullmatch, not match: "$" would also accept a trailing newline.
+    return _DEVICE_ID_RE.fullmatch(value) is not None
+
+
+class TopicKind(enum.StrEnum):
+    """The device → node and node → device topics of one device."""
+
+    TELEMETRY = "telemetry"
+    TELEMETRY_CBOR = "telemetry/cbor"
+    STATUS = "status"
+    COMMANDS = "commands"
+    COMMANDS_ACK = "commands/ack"
+
+
+#: Topics a device may publish to (device → node).
+PUBLISH_KINDS: Final = frozenset(
+    {TopicKind.TELEMETRY, TopicKind.TELEMETRY_CBOR, TopicKind.STATUS, TopicKind.COMMANDS_ACK}
+)
+#: Topic filters a device may subscribe to (node → device).
+SUBSCRIBE_KINDS: Final = frozenset({TopicKind.COMMANDS})
+
+_TOPIC_PREFIX: Final = "iot/"
+
+
+def topic_for(device_id: str, kind: TopicKind) -> str:
+    """The topic of *kind* for *device_id*, e.g. ``iot/emu-1/telemetry``."""
+    return f"{_TOPIC_PREFIX}{device_id}/{kind.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    device_id: str
+    kind: TopicKind
+
+
+_KINDS_BY_SUFFIX: Final = {k.value: k for k in TopicKind}
+
+
+def parse_topic(topic: str) -> ParsedTopic | None:
+    """Split ``iot/{id}/{kind}`` into its parts; None when it is not a device topic.
+
+    Wildcards never parse: ``+`` and ``#`` are not allowed in a device id.
+    """
+    if not topic.startswith(_TOPIC_PREFIX):
+        return None
+    rest = topic[len(_TOPIC_PREFIX) :]
+    device_id, sep, suffix = rest.partition("/")
+    if not sep or not is_valid_device_id(device_id):
+        return None
+    kind = _KINDS_BY_SUFFIX.get(suffix)
+    if kind is None:
+        return None
+    return ParsedTopic(device_id, kind)
+
+
+def may_publish(identity: str, topic: str) -> bool:
+    """ACL: a device publishes only to its own device → node topics."""
+    parsed = parse_topic(topic)
+    return parsed is not None and parsed.device_id == identity and parsed.kind in PUBLISH_KINDS
+
+
+def may_subscribe(identity: str, topic_filter: str) -> bool:
+    """ACL: a device subscribes only to its own ``commands`` topic (no wildcards)."""
+    parsed = parse_topic(topic_filter)
+    return parsed is not None and parsed.device_id == identity and parsed.kind in SUBSCRIBE_KINDS
+
+
+class QuarantineReason(enum.StrEnum):
+    """Machine-readable reasons a message is quarantined instead of stored."""
+
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    NOT_UTF8_JSON = "not_utf8_json"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    SCHEMA = "schema"
+    DEVICE_MISMATCH = "device_mismatch"
+    STALE_BOOT = "stale_boot"
+    UNSUPPORTED_ENCODING = "unsupported_encoding"
+
+
+class Measurements(BaseModel):
+    """The ``m`` object. Instantaneous values plus cumulative energy registers."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    voltage_v: float = Field(allow_inf_nan=False)
+    current_a: float = Field(allow_inf_nan=False)
+    power_kw: float = Field(allow_inf_nan=False)
+    energy_import_kwh: float = Field(ge=0, allow_inf_nan=False)
+    energy_export_kwh: float = Field(ge=0, allow_inf_nan=False)
+    frequency_hz: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    power_factor: float | None = Field(default=None, ge=-1, le=1, allow_inf_nan=False)
+    reactive_import_kvarh: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    reactive_export_kvarh: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class Location(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    lat: float = Field(ge=-90, le=90, allow_inf_nan=False)
+    lon: float = Field(ge=-180, le=180, allow_inf_nan=False)
+
+
+class TelemetryV2(BaseModel):
+    """One telemetry message of protocol v2 (the single-reading form)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: Literal[2]
+    device_id: str
+    boot: int = Field(ge=0, le=UINT32_MAX, strict=True)
+    seq: int = Field(ge=0, le=UINT32_MAX, strict=True)
+    ts: datetime
+    m: Measurements
+    loc: Location | None = None
+
+    @field_validator("ts")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None or value.utcoffset() is None:
+            msg = "ts must be RFC 3339 with a UTC offset"
+            raise ValueError(msg)
+        return value.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """A validated reading, as the sequence tracker and the store see it."""
+
+    boot: int
+    seq: int
+    ts: datetime
+    measurements: Measurements
+    loc: Location | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: QuarantineReason
+    detail: str
+
+
+def format_ts(value: datetime) -> str:
+    """RFC 3339 UTC with milliseconds and a ``Z``, the form the node writes everywhere."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def decode_telemetry(
+    payload: bytes,
+    *,
+    device_id: str,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> Reading | Rejection:
+    """Decode and validate one JSON telemetry payload published by *device_id*.
+
+    Never raises for bad input: every failure is a :class:`Rejection` with a reason.
+    """
+    if len(payload) > max_bytes:
+        return Rejection(
+            QuarantineReason.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes, the limit is {max_bytes}"
+        )
+    try:
+        doc: Any = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return Rejection(QuarantineReason.NOT_UTF8_JSON, _short(str(exc)))
+    if not isinstance(doc, dict):
+        return Rejection(QuarantineReason.SCHEMA, "payload must be a JSON object")
+    version = doc.get("v")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        return Rejection(QuarantineReason.UNSUPPORTED_VERSION, f"unsupported protocol version {_short(repr(version))}")
+    claimed = doc.get("device_id")
+    if claimed != device_id:
+        return Rejection(
+            QuarantineReason.DEVICE_MISMATCH,
+            f"device_id {_short(repr(claimed))} does not match the publishing device {device_id!r}",
+        )
+    try:
+        msg = TelemetryV2.model_validate(doc)
+    except ValidationError as exc:
+        return Rejection(QuarantineReason.SCHEMA, _schema_detail(exc))
+    return Reading(boot=msg.boot, seq=msg.seq, ts=msg.ts, measurements=msg.m, loc=msg.loc)
+
+
+def _schema_detail(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return _short("; ".join(parts))
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,55 @@
+"""The node's exception tree. Every error we raise on purpose is one of these.
+
+::
+
+    NodeError
+    ├── ConfigError          a setting is missing or invalid (names the setting)
+    ├── StartupError         a listener or file could not be opened (names which)
+    ├── DeviceError          a device-level problem: unknown, revoked, bad identity
+    │   ├── DeviceNotFound
+    │   └── DeviceExists
+    └── StorageError         SQLite failed; the batch was not committed
+        └── MigrationError   the schema could not be brought to the current version
+
+It lives in ``storage`` because that is the bottom layer: every package may import it.
+"""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Base of every error the node raises on purpose."""
+
+
+class ConfigError(NodeError):
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+class StartupError(NodeError):
+    """The node could not start: a port is taken, the data directory is not writable…"""
+
+
+class DeviceError(NodeError):
+    def __init__(self, device_id: str, message: str) -> None:
+        super().__init__(f"{device_id}: {message}")
+        self.device_id = device_id
+
+
+class DeviceNotFound(DeviceError):  # noqa: N818 - reads as what happened
+    def __init__(self, device_id: str) -> None:
+        super().__init__(device_id, "no such device")
+
+
+class DeviceExists(DeviceError):  # noqa: N818
+    def __init__(self, device_id: str) -> None:
+        super().__init__(device_id, "device already registered")
+
+
+class StorageError(NodeError):
+    """SQLite failed; nothing of the batch was committed."""
+
+
+class MigrationError(StorageError):
+    pass

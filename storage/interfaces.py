@@ -1,0 +1,22 @@
+"""The seams between the actors and storage, as :class:`typing.Protocol` classes.
+
+Actors depend on these, never on SQLite: tests give them in-memory fakes, the node gives them
+:class:`storage.sqlite.SqliteStore`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from storage.records import DeviceBatch, DeviceStateRecord
+
+
+class IngestStore(Protocol):
+    async def load_device_state(self, device_id: str) -> DeviceStateRecord | None:
+        """The last committed state of *device_id*, or None for a device never heard from."""
+        ...
+
+    async def commit(self, batches: Sequence[DeviceBatch]) -> None:
+        """Write all *batches* in one transaction; raise :class:`storage.errors.StorageError` on failure."""
+        ...

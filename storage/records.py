@@ -1,0 +1,61 @@
+"""Records that travel from the actors to the store: plain data, no behaviour, no I/O.
+
+A :class:`DeviceBatch` is everything one device actor produced from one drained batch of
+its mailbox; the storage writer commits many of them in one transaction (group commit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from storage.contract import QuarantineReason
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryRow:
+    boot: int
+    seq: int
+    ts_ms: int
+    #: The ``m`` object as compact JSON (typed fields only; unknown fields stay in the raw payload).
+    m_json: str
+    loc_json: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRow:
+    reason: QuarantineReason
+    detail: str
+
+
+@dataclass(slots=True)
+class RawMessage:
+    """One PUBLISH as received, with what became of it."""
+
+    topic: str
+    received_at: float
+    payload: bytes
+    telemetry: list[TelemetryRow] = field(default_factory=list)
+    quarantine: list[QuarantineRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateRecord:
+    """The persisted state of one device's sequence tracker and liveness."""
+
+    device_id: str
+    boot: int | None
+    low: int
+    high: int
+    gaps: tuple[tuple[int, int], ...]
+    counters: dict[str, int]
+    last_seen: float | None
+    online: bool
+
+
+@dataclass(slots=True)
+class DeviceBatch:
+    device_id: str
+    #: Messages whose payload is archived (accepted or quarantined; duplicates are not).
+    messages: list[RawMessage]
+    #: The device's state after the whole batch; written in the same transaction.
+    state: DeviceStateRecord

@@ -1,0 +1,108 @@
+"""The SQLite schema as numbered migrations, applied in order at start-up.
+
+``PRAGMA user_version`` holds the number of migrations applied. A migration is never edited
+once released: a change is a new entry at the end of :data:`MIGRATIONS`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Final
+
+from storage.errors import MigrationError
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: devices, keys, telemetry, raw archive, quarantine, device state.
+    """
+    CREATE TABLE devices (
+        device_id   TEXT PRIMARY KEY,
+        type        TEXT NOT NULL CHECK (type IN ('dc_meter', 'ac_meter')),
+        name        TEXT,
+        created_at  REAL NOT NULL,
+        revoked_at  REAL,
+        secret_hash TEXT NOT NULL
+    ) STRICT;
+
+    CREATE TABLE api_keys (
+        key_id     TEXT PRIMARY KEY,
+        role       TEXT NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
+        key_hash   TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    ) STRICT;
+
+    -- Every accepted or quarantined PUBLISH as received (duplicates are counted, not kept).
+    CREATE TABLE raw_messages (
+        id          INTEGER PRIMARY KEY,
+        device_id   TEXT NOT NULL,
+        topic       TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        payload     BLOB NOT NULL
+    ) STRICT;
+
+    CREATE TABLE telemetry (
+        id        INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        boot      INTEGER NOT NULL,
+        seq       INTEGER NOT NULL,
+        ts_ms     INTEGER NOT NULL,
+        m         TEXT NOT NULL,
+        loc       TEXT,
+        raw_id    INTEGER NOT NULL REFERENCES raw_messages (id),
+        UNIQUE (device_id, boot, seq)
+    ) STRICT;
+    CREATE INDEX telemetry_by_device_time ON telemetry (device_id, ts_ms, id);
+
+    CREATE TABLE quarantine (
+        id          INTEGER PRIMARY KEY,
+        device_id   TEXT NOT NULL,
+        topic       TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        reason      TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        raw_id      INTEGER NOT NULL REFERENCES raw_messages (id)
+    ) STRICT;
+    CREATE INDEX quarantine_by_device ON quarantine (device_id, id);
+
+    CREATE TABLE device_state (
+        device_id TEXT PRIMARY KEY,
+        boot      INTEGER,
+        low       INTEGER NOT NULL,
+        high      INTEGER NOT NULL,
+        gaps      TEXT NOT NULL,
+        counters  TEXT NOT NULL,
+        last_seen REAL,
+        online    INTEGER NOT NULL
+    ) STRICT;
+    """,
+)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring *conn*'s database to the latest schema; returns the version it is at."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > len(MIGRATIONS):
+        msg = f"database schema version {version} is newer than this node ({len(MIGRATIONS)})"
+        raise MigrationError(msg)
+    for number in range(version, len(MIGRATIONS)):
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _statements(MIGRATIONS[number]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number + 1}")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            msg = f"migration {number + 1} failed: {exc}"
+            raise MigrationError(msg) from exc
+    return len(MIGRATIONS)
+
+
+def _statements(script: str) -> list[str]:
+    # executescript() would COMMIT the open transaction first; split instead so each
+    # migration is atomic. Our migrations contain no ';' inside literals or triggers.
+    return [s.strip() for s in script.split(";") if s.strip() and not _only_comments(s)]
+
+
+def _only_comments(sql: str) -> bool:
+    return all(not line.strip() or line.strip().startswith("--") for line in sql.splitlines())

@@ -1,0 +1,184 @@
+"""SQLite, the node's only database: connections, the write side and the admin writes.
+
+One :class:`SqliteStore` owns the single writer connection. Every call runs in a worker
+thread (``anyio.to_thread``) under a limiter of one, so the event loop never blocks on disk
+and statements never interleave. A commit is one ``BEGIN IMMEDIATE … COMMIT`` for a whole
+group of device batches. WAL mode lets the API read through its own connections
+(:mod:`storage.reader`) while the writer commits.
+
+Durability: ``synchronous=FULL`` by default, so a PUBACK sent after a commit survives a power
+cut, not just a crash of the process. ``NORMAL`` is available for sites that accept losing the
+last commits on power loss in exchange for fewer fsyncs.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import anyio
+
+from storage.errors import DeviceExists, StorageError
+from storage.records import DeviceBatch, DeviceStateRecord
+from storage.schema import migrate
+
+Synchronous = Literal["FULL", "NORMAL"]
+
+
+def connect(path: Path, *, synchronous: Synchronous = "FULL") -> sqlite3.Connection:
+    """Open the writer connection (creating the file and running migrations)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    migrate(conn)
+    return conn
+
+
+class SqliteStore:
+    def __init__(self, path: Path, *, synchronous: Synchronous = "FULL") -> None:
+        self.path = path
+        self._conn = connect(path, synchronous=synchronous)
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    async def _run[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return await anyio.to_thread.run_sync(fn, self._conn, limiter=self._limiter)
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from exc
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    async def load_device_state(self, device_id: str) -> DeviceStateRecord | None:
+        return await self._run(lambda c: load_device_state(c, device_id))
+
+    async def commit(self, batches: Sequence[DeviceBatch]) -> None:
+        await self._run(lambda c: _commit(c, batches))
+
+    # -- admin writes -----------------------------------------------------------------------
+
+    async def insert_device(self, device_id: str, type_: str, name: str | None, secret_hash: str) -> float:
+        """Register a device; raises :class:`DeviceExists`. Returns its creation time."""
+
+        def run(c: sqlite3.Connection) -> float:
+            created = time.time()
+            try:
+                c.execute(
+                    "INSERT INTO devices (device_id, type, name, created_at, secret_hash) VALUES (?, ?, ?, ?, ?)",
+                    (device_id, type_, name, created, secret_hash),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise DeviceExists(device_id) from exc
+            return created
+
+        return await self._run(run)
+
+    async def revoke_device(self, device_id: str) -> bool:
+        """Mark *device_id* revoked; False when there is no such active device."""
+
+        def run(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE devices SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL",
+                (time.time(), device_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._run(run)
+
+    async def insert_api_key(self, key_id: str, role: str, key_hash: str) -> None:
+        await self._run(lambda c: insert_api_key(c, key_id, role, key_hash))
+
+
+def insert_api_key(conn: sqlite3.Connection, key_id: str, role: str, key_hash: str) -> None:
+    conn.execute(
+        "INSERT INTO api_keys (key_id, role, key_hash, created_at) VALUES (?, ?, ?, ?)",
+        (key_id, role, key_hash, time.time()),
+    )
+
+
+def load_device_state(conn: sqlite3.Connection, device_id: str) -> DeviceStateRecord | None:
+    row = conn.execute(
+        "SELECT boot, low, high, gaps, counters, last_seen, online FROM device_state WHERE device_id = ?",
+        (device_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    boot, low, high, gaps, counters, last_seen, online = row
+    return DeviceStateRecord(
+        device_id=device_id,
+        boot=boot,
+        low=low,
+        high=high,
+        gaps=tuple((int(a), int(b)) for a, b in json.loads(gaps)),
+        counters={k: int(v) for k, v in json.loads(counters).items()},
+        last_seen=last_seen,
+        online=bool(online),
+    )
+
+
+_INSERT_RAW = "INSERT INTO raw_messages (device_id, topic, received_at, payload) VALUES (?, ?, ?, ?)"
+# OR IGNORE backs up the tracker: even a bug there cannot store a (device, boot, seq) twice.
+_INSERT_TELEMETRY = (
+    "INSERT OR IGNORE INTO telemetry (device_id, boot, seq, ts_ms, m, loc, raw_id) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_QUARANTINE = (
+    "INSERT INTO quarantine (device_id, topic, received_at, reason, detail, raw_id) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_STATE = """
+    INSERT INTO device_state (device_id, boot, low, high, gaps, counters, last_seen, online)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (device_id) DO UPDATE SET
+        boot = excluded.boot, low = excluded.low, high = excluded.high, gaps = excluded.gaps,
+        counters = excluded.counters, last_seen = excluded.last_seen, online = excluded.online
+"""
+
+
+def _commit(conn: sqlite3.Connection, batches: Sequence[DeviceBatch]) -> None:
+    # The latest state per device wins: batches of one device arrive in order.
+    states: dict[str, DeviceStateRecord] = {}
+    telemetry: list[tuple[object, ...]] = []
+    quarantine: list[tuple[object, ...]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for batch in batches:
+            states[batch.device_id] = batch.state
+            for msg in batch.messages:
+                raw_id = conn.execute(_INSERT_RAW, (batch.device_id, msg.topic, msg.received_at, msg.payload)).lastrowid
+                telemetry.extend(
+                    (batch.device_id, r.boot, r.seq, r.ts_ms, r.m_json, r.loc_json, raw_id) for r in msg.telemetry
+                )
+                quarantine.extend(
+                    (batch.device_id, msg.topic, msg.received_at, q.reason.value, q.detail, raw_id)
+                    for q in msg.quarantine
+                )
+        conn.executemany(_INSERT_TELEMETRY, telemetry)
+        conn.executemany(_INSERT_QUARANTINE, quarantine)
+        conn.executemany(
+            _UPSERT_STATE,
+            [
+                (
+                    s.device_id,
+                    s.boot,
+                    s.low,
+                    s.high,
+                    json.dumps(s.gaps, separators=(",", ":")),
+                    json.dumps(s.counters, separators=(",", ":")),
+                    s.last_seen,
+                    int(s.online),
+                )
+                for s in states.values()
+            ],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

@@ -1,0 +1,53 @@
+"""node/broker.py replaces amqtt internals; these fail when the replaced upstream code changes.
+
+When one fails after an amqtt upgrade: read the new upstream code, re-check what
+``NodeProtocolHandler`` and ``NodeBroker`` rely on (see node/broker.py's docstring), adapt them,
+then update the digests here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from importlib.metadata import version
+
+import amqtt.broker
+import amqtt.mqtt.protocol.broker_handler
+import amqtt.mqtt.protocol.handler
+
+from node.broker import AMQTT_VERSION
+
+PINNED = {
+    # handle_publish is what we override; _reader_loop is what calls it (one task per packet);
+    # _handle_qos2_message_flow's incoming half is what our QoS 2 acknowledgement mirrors.
+    "ProtocolHandler.handle_publish": (amqtt.mqtt.protocol.handler.ProtocolHandler.handle_publish, "b8f1fd3212c7134e"),
+    "ProtocolHandler._reader_loop": (amqtt.mqtt.protocol.handler.ProtocolHandler._reader_loop, "93f3b8e4483040d0"),
+    "ProtocolHandler._handle_qos2_message_flow": (
+        amqtt.mqtt.protocol.handler.ProtocolHandler._handle_qos2_message_flow,
+        "f2d96f1fc4eca34f",
+    ),
+    # _initialize_client_session builds the handler through init_from_connect; we re-class it.
+    "Broker._initialize_client_session": (amqtt.broker.Broker._initialize_client_session, "5dd89158bbe46266"),
+    "BrokerProtocolHandler.init_from_connect": (
+        amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.init_from_connect,
+        "036dc04c1133a18f",
+    ),
+    "BrokerProtocolHandler.__init__": (
+        amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.__init__,
+        "95a1c78fecfdbffa",
+    ),
+}
+
+
+def digest(obj: object) -> str:
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]  # type: ignore[arg-type]
+
+
+def test_amqtt_version_is_pinned() -> None:
+    assert version("amqtt") == AMQTT_VERSION
+
+
+def test_replaced_upstream_code_is_unchanged() -> None:
+    actual = {name: digest(obj) for name, (obj, _) in PINNED.items()}
+    expected = {name: pinned for name, (_, pinned) in PINNED.items()}
+    assert actual == expected

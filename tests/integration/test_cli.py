@@ -1,0 +1,97 @@
+"""The CLI as a user runs it: `depot-node keys create`, `serve`, `healthcheck`, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+def test_serve_keys_healthcheck_and_sigterm(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    created = cli("keys", "create", "--role", "admin", "--data-dir", str(data))
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("dnk_")
+
+    mqtt_port, http_port = free_port(), free_port()
+    env = {**os.environ, "DEPOT_NODE_DATA_DIR": str(data), "DEPOT_NODE_LOG_FORMAT": "json"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node", "serve", "--mqtt-bind", f"127.0.0.1:{mqtt_port}",
+         "--http-bind", f"127.0.0.1:{http_port}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            check = cli("healthcheck", "--http-bind", f"127.0.0.1:{http_port}")
+            if check.returncode == 0:
+                break
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, check.stderr
+            time.sleep(0.2)
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/api/v1/devices",
+            data=json.dumps({"device_id": "emu-1", "type": "ac_meter"}).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - our own http:// URL
+            assert resp.status == 201
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    events = [entry.get("event", "") for entry in logs]
+    assert any("listening" in e for e in events)
+    assert any(e == "stopped" for e in events)
+    # The node is gone: healthcheck now fails.
+    assert cli("healthcheck", "--http-bind", f"127.0.0.1:{http_port}").returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "env_extra", "needle"),
+    [
+        (["--mqtt-bind", "localhost"], {}, "mqtt_bind"),
+        (["--http-bind", "127.0.0.1:99999"], {}, "http_bind"),
+        ([], {"DEPOT_NODE_MAX_PAYLOAD_BYTES": "ten"}, "max_payload_bytes"),
+    ],
+)
+def test_bad_settings_fail_at_start_naming_the_setting(
+    tmp_path: Path, args: list[str], env_extra: dict[str, str], needle: str
+) -> None:
+    env = {**os.environ, "DEPOT_NODE_DATA_DIR": str(tmp_path), **env_extra}
+    result = cli("serve", *args, env=env)
+    assert result.returncode != 0
+    assert needle in result.stderr
+
+
+def test_config_file_unknown_setting(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('data_dir = "x"\nmqtt_bnd = "127.0.0.1:1"\n')
+    result = cli("serve", "--config", str(cfg))
+    assert result.returncode != 0
+    assert "mqtt_bnd" in result.stderr

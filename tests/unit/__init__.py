@@ -1,0 +1,1 @@
+"""Unit tests of the actor core (``actors/``), run under trio with pytest-trio."""

@@ -1,0 +1,1 @@
+"""Tests of the HTTP API (``web/``) on a real SQLite file, through Quart's test client and real HTTP."""

@@ -1,0 +1,103 @@
+"""Prometheus metrics of the node: every metric name is defined here and nowhere else.
+
+The actors count into :class:`actors.stats.IngestStats` (plain integers, no label lookups on
+the hot path); :class:`IngestCollector` turns those into metric families when Prometheus
+scrapes. Each app gets its own :class:`~prometheus_client.CollectorRegistry`, never the global
+one, so two nodes (or two tests) in one process do not share or collide on metrics.
+
+Naming: prefix ``depot_node_``, base units (seconds), ``_total`` on counters (prometheus_client
+adds it to counter samples). No per-device labels: label values come from bounded sets (the
+quarantine reasons of the contract, auth refusal reasons, ACL actions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from actors.stats import IngestStats
+from storage.contract import QuarantineReason
+
+PREFIX: Final = "depot_node_"
+
+PUBLISHES_RECEIVED: Final = PREFIX + "publishes_received"
+READINGS_STORED: Final = PREFIX + "readings_stored"
+READINGS_DUPLICATE: Final = PREFIX + "readings_duplicate"
+READINGS_LATE: Final = PREFIX + "readings_late"
+QUARANTINED: Final = PREFIX + "quarantined"
+COMMITS: Final = PREFIX + "commits"
+COMMITTED_MESSAGES: Final = PREFIX + "committed_messages"
+COMMIT_SECONDS: Final = PREFIX + "commit_seconds"
+COMMIT_FAILURES: Final = PREFIX + "commit_failures"
+ACTOR_RESTARTS: Final = PREFIX + "actor_restarts"
+ACTORS_STARTED: Final = PREFIX + "actors_started"
+ACTORS_RETIRED: Final = PREFIX + "actors_retired"
+DEVICE_ACTORS: Final = PREFIX + "device_actors"
+DEVICES_PARKED: Final = PREFIX + "devices_parked"
+AUTH_REFUSED: Final = PREFIX + "auth_refused"
+ACL_DENIED: Final = PREFIX + "acl_denied"
+MQTT_CONNECTIONS: Final = PREFIX + "mqtt_connections"
+
+
+class IngestCollector(Collector):
+    """Reads :class:`IngestStats` at scrape time.
+
+    ``collect`` runs on the event loop thread (the ``/metrics`` handler calls the exposition
+    synchronously), the same thread on which the actors bump the counters, so it reads a
+    consistent snapshot without locks.
+    """
+
+    def __init__(self, stats: IngestStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._stats
+        yield _counter(PUBLISHES_RECEIVED, "MQTT PUBLISH packets handled by device actors.", s.publishes)
+        yield _counter(READINGS_STORED, "Readings committed to storage (late ones included).", s.readings_stored)
+        yield _counter(READINGS_DUPLICATE, "Readings seen before: counted, not stored again.", s.readings_duplicate)
+        yield _counter(READINGS_LATE, "Readings that arrived inside an open sequence gap.", s.readings_late)
+        # Every reason of the contract is exported from the start, so rate() sees a 0 → 1 step.
+        quarantined = dict.fromkeys((r.value for r in QuarantineReason), 0) | s.quarantined
+        yield _labelled_counter(QUARANTINED, "Messages and readings quarantined.", "reason", quarantined)
+        yield _counter(COMMITS, "Storage transactions committed (one per group).", s.commits)
+        yield _counter(COMMITTED_MESSAGES, "PUBLISHes archived by committed storage transactions.", s.commit_rows)
+        yield _counter(COMMIT_SECONDS, "Time spent in storage commits.", s.commit_seconds)
+        yield _counter(
+            COMMIT_FAILURES, "Storage commits that failed (nothing of the group written).", s.commit_failures
+        )
+        yield _counter(ACTOR_RESTARTS, "Actor restarts by their supervisor.", s.actor_restarts)
+        yield _counter(ACTORS_STARTED, "Device actors started.", s.actors_started)
+        yield _counter(ACTORS_RETIRED, "Device actors retired after being idle.", s.actors_retired)
+        yield _gauge(DEVICE_ACTORS, "Device actors running.", s.active_actors)
+        yield _gauge(DEVICES_PARKED, "Devices whose actor was parked after crashing too often.", s.devices_parked)
+        yield _labelled_counter(AUTH_REFUSED, "MQTT connections refused at CONNECT.", "reason", s.auth_refused)
+        yield _labelled_counter(
+            ACL_DENIED, "MQTT publishes and subscriptions denied by the ACL.", "action", s.acl_denied
+        )
+        yield _gauge(MQTT_CONNECTIONS, "Open MQTT connections.", s.connections)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _labelled_counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+def build_registry(stats: IngestStats) -> CollectorRegistry:
+    """A fresh registry holding only the node's metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(IngestCollector(stats))
+    return registry

@@ -1,0 +1,289 @@
+"""The API's request and response models (pydantic, read by quart-schema for OpenAPI).
+
+Times go out as RFC 3339 UTC strings in the node's one format (:func:`storage.contract.format_ts`)
+and come in as RFC 3339 with an explicit offset; a time without one is ambiguous and refused.
+The device-id rule is the contract's (:func:`storage.contract.is_valid_device_id`), not a copy.
+This module does no I/O and raises nothing but validation errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Final, Literal, Self
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from storage.contract import DEVICE_ID_PATTERN, DeviceType, format_ts, is_valid_device_id
+from storage.reader import DeviceRow, QuarantineItem, TelemetryItem
+from storage.records import DeviceStateRecord
+
+DEFAULT_PAGE: Final = 100
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MS: Final = timedelta(milliseconds=1)
+
+# RFC 3339 §5.6 date-time. Stricter than pydantic, which also takes unix numbers and
+# ISO 8601 shapes a client would not mean ("2026-11-23" alone, week dates).
+_RFC3339: Final = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _device_id(value: str) -> str:
+    if not is_valid_device_id(value):
+        msg = "not a valid device id"
+        raise ValueError(msg)
+    return value
+
+
+def _rfc3339(value: object) -> object:
+    if not isinstance(value, str) or _RFC3339.fullmatch(value) is None:
+        msg = "must be an RFC 3339 date-time with an offset, e.g. 2026-11-23T16:05:00Z ('+' is %2B in a URL)"
+        raise ValueError(msg)
+    return value
+
+
+DeviceId = Annotated[
+    str, Field(pattern=DEVICE_ID_PATTERN, max_length=64, examples=["emu-4021-m1"]), AfterValidator(_device_id)
+]
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"}, examples=["2026-11-23T16:05:00.000Z"])]
+Cursor = Annotated[str, Field(max_length=200, description="`next_cursor` of the previous page")]
+Limit = Annotated[
+    int,
+    Field(ge=1, description=f"page size, 1 to the node's maximum (1000 unless configured); default {DEFAULT_PAGE}"),
+]
+
+
+def epoch_to_ts(seconds: float) -> str:
+    return format_ts(datetime.fromtimestamp(seconds, UTC))
+
+
+def ms_to_ts(ms: int) -> str:
+    # Exact integer arithmetic: a float division would round some milliseconds down by one.
+    return format_ts(_EPOCH + ms * _MS)
+
+
+def ts_to_ms_ceil(value: datetime) -> int:
+    """Epoch milliseconds, rounded up: readings are stored with millisecond resolution, so
+    ``ts >= t`` and ``ts < t`` select the same readings as ``ts_ms >= ceil(t)``, ``< ceil(t)``."""
+    return -((_EPOCH - value) // _MS)
+
+
+# -- problems -----------------------------------------------------------------------------------
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+
+
+class FieldError(BaseModel):
+    #: Where the error is: ``["body" | "query" | "header", field, ...]``.
+    loc: list[str | int]
+    msg: str
+    #: pydantic's error type, e.g. ``string_pattern_mismatch``, ``missing``, ``extra_forbidden``.
+    type: str
+
+
+class ValidationProblem(Problem):
+    """An RFC 9457 problem: the request was not valid; ``errors`` says where and why."""
+
+    errors: list[FieldError]
+
+
+class NoContent(BaseModel):
+    """Done; no body."""
+
+
+# -- devices ------------------------------------------------------------------------------------
+
+
+class DeviceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device_id: DeviceId
+    type: DeviceType
+    name: str | None = Field(default=None, max_length=200)
+
+
+class Device(BaseModel):
+    """A registered device."""
+
+    device_id: str
+    type: DeviceType
+    name: str | None
+    created_at: Timestamp
+    revoked: bool
+
+    @classmethod
+    def from_row(cls, row: DeviceRow) -> Self:
+        return cls(
+            device_id=row.device_id,
+            type=row.type,  # type: ignore[arg-type] # the schema's CHECK allows only DeviceType
+            name=row.name,
+            created_at=epoch_to_ts(row.created_at),
+            revoked=row.revoked_at is not None,
+        )
+
+
+class DeviceCreated(Device):
+    """The device is registered. ``secret`` (its MQTT password) is shown this once only."""
+
+    secret: str
+
+
+class DeviceState(BaseModel):
+    online: bool
+    last_seen: Timestamp | None
+    boot: int | None
+    #: The highest ``seq`` seen in ``boot``.
+    last_seq: int | None
+
+
+class DeviceCounters(BaseModel):
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    missing: int = 0
+    late: int = 0
+    resets: int = 0
+    quarantined: int = 0
+
+
+class DeviceDetail(Device):
+    """A device with its sequence state and counters (all zero before its first message)."""
+
+    state: DeviceState
+    counters: DeviceCounters
+
+    @classmethod
+    def from_records(cls, row: DeviceRow, record: DeviceStateRecord | None) -> Self:
+        base = Device.from_row(row).model_dump()
+        if record is None:
+            return cls(
+                **base,
+                state=DeviceState(online=False, last_seen=None, boot=None, last_seq=None),
+                counters=DeviceCounters(),
+            )
+        known = DeviceCounters.model_fields.keys()
+        return cls(
+            **base,
+            state=DeviceState(
+                online=record.online,
+                last_seen=None if record.last_seen is None else epoch_to_ts(record.last_seen),
+                boot=record.boot,
+                last_seq=record.high if record.boot is not None else None,
+            ),
+            counters=DeviceCounters(**{k: v for k, v in record.counters.items() if k in known}),
+        )
+
+
+class DevicePage(BaseModel):
+    """A page of devices ordered by id; ``next_cursor`` is null on the last page."""
+
+    items: list[Device]
+    next_cursor: str | None
+
+
+class PageQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: Limit | None = None
+    cursor: Cursor | None = None
+
+
+# -- telemetry ----------------------------------------------------------------------------------
+
+
+class TelemetryQuery(PageQuery):
+    from_: Rfc3339 | None = Field(default=None, alias="from", description="readings at or after (device time)")
+    to: Rfc3339 | None = Field(default=None, description="readings before (device time)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.from_ is not None and self.to is not None and self.from_ >= self.to:
+            msg = "'from' must be before 'to'"
+            raise ValueError(msg)
+        return self
+
+
+class TelemetryReading(BaseModel):
+    boot: int
+    seq: int
+    #: Device time of the measurement.
+    ts: Timestamp
+    m: dict[str, float]
+    #: WGS84 position (``lat``, ``lon``), null when the reading had none.
+    loc: dict[str, float] | None
+
+    @classmethod
+    def from_item(cls, item: TelemetryItem) -> Self:
+        return cls(boot=item.boot, seq=item.seq, ts=ms_to_ts(item.ts_ms), m=item.m, loc=item.loc)
+
+
+class TelemetryPage(BaseModel):
+    """Readings oldest (device time) first; ``next_cursor`` is null on the last page."""
+
+    items: list[TelemetryReading]
+    next_cursor: str | None
+
+
+# -- quarantine ---------------------------------------------------------------------------------
+
+
+class QuarantineQuery(PageQuery):
+    device_id: DeviceId | None = None
+
+
+class QuarantinedMessage(BaseModel):
+    id: int
+    device_id: str
+    topic: str
+    received_at: Timestamp
+    #: Machine-readable, one of :class:`storage.contract.QuarantineReason`.
+    reason: str
+    detail: str
+    #: The payload exactly as received, base64 (standard alphabet, padded).
+    payload_base64: str
+
+    @classmethod
+    def from_item(cls, item: QuarantineItem) -> Self:
+        return cls(
+            id=item.id,
+            device_id=item.device_id,
+            topic=item.topic,
+            received_at=epoch_to_ts(item.received_at),
+            reason=item.reason,
+            detail=item.detail,
+            payload_base64=base64.b64encode(item.payload).decode("ascii"),
+        )
+
+
+class QuarantinePage(BaseModel):
+    """Quarantined messages, newest first; ``next_cursor`` is null on the last page."""
+
+    items: list[QuarantinedMessage]
+    next_cursor: str | None
+
+
+# -- health -------------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ok"] = "ok"
+    #: Component name → up.
+    components: dict[str, bool]
+
+
+class NotReady(Problem):
+    """An RFC 9457 problem: the node is not ready; ``down`` names the components that are not up."""
+
+    down: list[str]

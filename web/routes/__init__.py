@@ -1,0 +1,1 @@
+"""The API's routes, one blueprint per resource; ``web.app`` registers them all."""
