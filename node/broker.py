@@ -150,7 +150,9 @@ class NodeBroker(Broker):
 
 def broker_config(bridge: Bridge, *, host: str, port: int, max_connections: int) -> dict[str, Any]:
     """The amqtt configuration: one TCP listener, our two plugins, nothing else."""
-    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # No brackets even for IPv6: amqtt splits at the last colon, and would pass "[::1]"
+    # with its brackets on to getaddrinfo.
+    bind = f"{host}:{port}"
     return {
         "listeners": {"default": {"type": "tcp", "bind": bind, "max_connections": max_connections}},
         "plugins": {

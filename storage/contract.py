@@ -109,9 +109,12 @@ class QuarantineReason(enum.StrEnum):
 
 
 class Measurements(BaseModel):
-    """The ``m`` object. Instantaneous values plus cumulative energy registers."""
+    """The ``m`` object. Instantaneous values plus cumulative energy registers.
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    Strict: numbers must be JSON numbers (an int is a float), never strings or booleans.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
     voltage_v: float = Field(allow_inf_nan=False)
     current_a: float = Field(allow_inf_nan=False)
@@ -125,7 +128,7 @@ class Measurements(BaseModel):
 
 
 class Location(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
     lat: float = Field(ge=-90, le=90, allow_inf_nan=False)
     lon: float = Field(ge=-180, le=180, allow_inf_nan=False)
@@ -136,21 +139,45 @@ class TelemetryV2(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    v: Literal[2]
-    device_id: str
+    v: Literal[2]  # decode_telemetry checks the type first: 2.0 or true is not 2
+    device_id: str = Field(strict=True)
     boot: int = Field(ge=0, le=UINT32_MAX, strict=True)
     seq: int = Field(ge=0, le=UINT32_MAX, strict=True)
     ts: datetime
     m: Measurements
     loc: Location | None = None
 
-    @field_validator("ts")
+    @field_validator("ts", mode="before")
     @classmethod
-    def _utc(cls, value: datetime) -> datetime:
-        if value.tzinfo is None or value.utcoffset() is None:
-            msg = "ts must be RFC 3339 with a UTC offset"
-            raise ValueError(msg)
-        return value.astimezone(UTC)
+    def _rfc3339(cls, value: object) -> datetime:
+        return parse_rfc3339(value)
+
+
+# RFC 3339 date-time: full date, full time, optional fraction, and a mandatory offset.
+_RFC3339_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})")
+
+
+def parse_rfc3339(value: object) -> datetime:
+    """An RFC 3339 date-time string → an aware UTC datetime; ValueError for anything else.
+
+    Stricter than pydantic's datetime parsing on purpose: no Unix numbers, no dates without a
+    time, no local times without an offset — a meter's clock must say what it means.
+    """
+    if not isinstance(value, str) or _RFC3339_RE.fullmatch(value) is None:
+        msg = "must be an RFC 3339 date-time string with an offset, e.g. 2026-11-23T16:05:00.000Z"
+        raise ValueError(msg)  # noqa: TRY004 - pydantic wants ValueError to report it
+    text = value.upper().replace("Z", "+00:00")
+    if "." in text:
+        # fromisoformat takes at most 6 fraction digits; RFC 3339 allows more.
+        head, _, rest = text.partition(".")
+        digits = rest[: len(rest) - 6]
+        text = f"{head}.{(digits + '000000')[:6]}{rest[len(digits) :]}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError as exc:
+        msg = f"not a valid date-time: {exc}"
+        raise ValueError(msg) from None
+    return parsed.astimezone(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +223,7 @@ def decode_telemetry(
     if not isinstance(doc, dict):
         return Rejection(QuarantineReason.SCHEMA, "payload must be a JSON object")
     version = doc.get("v")
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != PROTOCOL_VERSION:
         return Rejection(QuarantineReason.UNSUPPORTED_VERSION, f"unsupported protocol version {_short(repr(version))}")
     claimed = doc.get("device_id")
     if claimed != device_id:

@@ -32,6 +32,8 @@ PINNED = {
         amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.init_from_connect,
         "036dc04c1133a18f",
     ),
+    # stream_connected is wrapped to close the transport whatever amqtt did.
+    "Broker.stream_connected": (amqtt.broker.Broker.stream_connected, "d1c68240cb49f94a"),
     "BrokerProtocolHandler.__init__": (
         amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.__init__,
         "95a1c78fecfdbffa",

@@ -181,3 +181,26 @@ async def test_malformed_payloads_are_quarantined_and_good_ones_flow(node: Runni
     device = await node.get("/api/v1/devices/meter-q")
     assert device["counters"]["quarantined"] == len(bad)
     assert device["counters"]["received"] == len(bad) + 2
+
+
+async def test_qos2_and_qos0_are_stored_once(node: RunningNode, devices: list[Device]) -> None:
+    secret = await node.register("meter-2")
+    dev = Device(node.mqtt_port, "meter-2", secret)
+    devices.append(dev)
+    assert (await dev.aconnect()).value == 0
+    topic = "iot/meter-2/telemetry"
+    await dev.apublish(topic, telemetry("meter-2", 1, 0), qos=2)
+    await dev.apublish(topic, telemetry("meter-2", 1, 1), qos=2)
+    await dev.apublish(topic, telemetry("meter-2", 1, 1), qos=2)  # a resend: counted, not stored
+    await dev.apublish(topic, telemetry("meter-2", 1, 2), qos=0)
+    await dev.apublish("iot/meter-2/status", b"online", qos=1)
+
+    async def all_seen() -> bool:
+        device = await node.get("/api/v1/devices/meter-2")
+        return bool(device["counters"]["received"] == 4)
+
+    await wait_for(all_seen)
+    assert [r["seq"] for r in await node.telemetry("meter-2")] == [0, 1, 2]
+    device = await node.get("/api/v1/devices/meter-2")
+    assert device["counters"]["duplicates"] == 1
+    assert device["state"]["last_seen"] is not None
