@@ -35,7 +35,7 @@ from storage.contract import (
     decode_telemetry,
 )
 from storage.interfaces import IngestStore
-from storage.records import DeviceBatch, DeviceStateRecord, QuarantineRow, RawMessage, TelemetryRow
+from storage.records import DeviceBatch, DeviceEvent, DeviceStateRecord, QuarantineRow, RawMessage, TelemetryRow
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class DeviceActor:
         self._tracker = SequenceTracker()
         self._online = False
         self._last_seen: float | None = None
+        self._connected_since: float | None = None
+        self._events: list[DeviceEvent] = []
 
     async def run(self) -> None:
         await self._writer.barrier()
@@ -83,6 +85,7 @@ class DeviceActor:
         self._tracker = SequenceTracker()
         self._online = False
         self._last_seen = None
+        self._connected_since = None
         if record is not None:
             self._tracker = SequenceTracker(
                 SequenceState(
@@ -95,6 +98,7 @@ class DeviceActor:
             )
             self._online = record.online
             self._last_seen = record.last_seen
+            self._connected_since = record.connected_since
         while True:
             with anyio.move_on_after(self._config.idle_timeout) as idle:
                 try:
@@ -109,6 +113,7 @@ class DeviceActor:
 
     async def _handle_batch(self, batch: list[DeviceMessage]) -> None:
         completions: list[Completion] = []
+        self._events = []
         try:
             messages: list[RawMessage] = []
             for item in batch:
@@ -122,7 +127,7 @@ class DeviceActor:
                         messages.append(raw)
                 else:
                     self._handle_link(item)
-            request = WriteRequest(DeviceBatch(self.device_id, messages, self._snapshot()), completions)
+            request = WriteRequest(DeviceBatch(self.device_id, messages, self._snapshot(), self._events), completions)
         except BaseException:
             # Fail every completion of the batch, not only those collected so far: the items
             # after the one that raised left the mailbox too, and nobody else will resolve them.
@@ -133,8 +138,11 @@ class DeviceActor:
         await self._writer.submit(request)
 
     def _handle_link(self, link: Link) -> None:
-        self._online = link.event is LinkEvent.CONNECTED
+        connected = link.event is LinkEvent.CONNECTED
+        self._online = connected
+        self._connected_since = link.at if connected else None
         self._last_seen = max(self._last_seen or 0.0, link.at)
+        self._events.append(DeviceEvent(link.at, link.event.value, link.detail))
 
     def _handle_publish(self, msg: Publish) -> RawMessage | None:
         self._stats.publishes += 1
@@ -190,6 +198,7 @@ class DeviceActor:
             counters=st.counters.as_dict(),
             last_seen=self._last_seen,
             online=self._online,
+            connected_since=self._connected_since,
         )
 
 

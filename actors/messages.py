@@ -59,6 +59,8 @@ class Link:
     device_id: str
     event: LinkEvent
     at: float
+    #: Why (see :class:`storage.records.DeviceEvent`).
+    detail: str = ""
 
 
 type DeviceMessage = Publish | Link

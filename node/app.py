@@ -122,6 +122,9 @@ async def run_node(
             tg.start_soon(_run_writer, writer, writer_done, name="storage-writer")
             await tg.start(router.run, name="router")
             readiness["storage"] = await reader.ping()
+            stale = await store.mark_all_offline("node_restart")
+            if stale:
+                log.info("%d devices were online when the node last stopped; marked offline", stale)
             broker, mqtt_addr = await _start_broker(settings, bridge)
             readiness["broker"] = True
             tg.start_soon(run_http, name="http")
@@ -135,6 +138,7 @@ async def run_node(
             readiness.update(http=False, broker=False)
             http_stop.set()
             with anyio.CancelScope(shield=True):
+                await bridge.node_stopping()
                 await _drain(broker, router, writer, writer_done)
             tg.cancel_scope.cancel()
     finally:

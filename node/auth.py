@@ -20,7 +20,7 @@ from typing import Final
 import anyio
 
 from actors.stats import IngestStats
-from storage.contract import is_valid_device_id
+from storage.contract import is_valid_device_id, may_publish
 from storage.reader import Reader
 from storage.secrets import verify_device_secret
 
@@ -34,6 +34,7 @@ REFUSALS: Final = (
     "unknown_device",
     "revoked",
     "bad_secret",
+    "bad_will_topic",
 )
 
 
@@ -48,8 +49,14 @@ class DeviceGate:
     def forget(self, device_id: str) -> None:
         self._verified.pop(device_id, None)
 
-    async def check(self, client_id: str | None, username: str | None, password: str | None) -> bool:
+    async def check(
+        self, client_id: str | None, username: str | None, password: str | None, will_topic: str | None = None
+    ) -> bool:
         reason = await self._refusal(client_id, username, password)
+        if reason is None and will_topic is not None and not may_publish(username or "", will_topic):
+            # amqtt publishes (and may retain) a will without asking the ACL: a device's will
+            # must be one of its own topics (in practice iot/{id}/status).
+            reason = "bad_will_topic"
         if reason is None:
             return True
         self._stats.count_refusal(reason)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from actors.messages import Completion, Link, LinkEvent, Outcome, Publish
 from actors.router import Router
@@ -25,6 +25,15 @@ if TYPE_CHECKING:
     from node.broker import NodeBroker
 
 log = logging.getLogger(__name__)
+
+#: Attribute set on an amqtt ``Session`` to say why it ended (DISCONNECT packet, keep-alive,
+#: revocation); the disconnect hook, which receives only the session, reads it.
+DISCONNECT_REASON: Final = "_depot_node_disconnect_reason"
+
+
+def set_disconnect_reason(session: Session, reason: str, *, overwrite: bool = False) -> None:
+    if overwrite or getattr(session, DISCONNECT_REASON, None) is None:
+        setattr(session, DISCONNECT_REASON, reason)
 
 
 class Bridge:
@@ -43,20 +52,33 @@ class Bridge:
 
     async def connected(self, session: Session) -> None:
         self.stats.connections += 1
+        # A persistent session object is reused by the next connection: start afresh.
+        setattr(session, DISCONNECT_REASON, None)
         if session.username:
-            await self.router.deliver(Link(session.username, LinkEvent.CONNECTED, time.time()))
+            peer = f"{session.remote_address}:{session.remote_port}"
+            await self.router.deliver(Link(session.username, LinkEvent.CONNECTED, time.time(), peer))
 
     async def disconnected(self, session: Session) -> None:
         self.stats.connections -= 1
         if session.username:
-            await self.router.deliver(Link(session.username, LinkEvent.DISCONNECTED, time.time()))
+            reason = getattr(session, DISCONNECT_REASON, None) or "connection_lost"
+            await self.router.deliver(Link(session.username, LinkEvent.DISCONNECTED, time.time(), reason))
+
+    async def node_stopping(self) -> None:
+        """Record a disconnect for every connected device before the broker closes them
+        (amqtt's shutdown closes sessions without its disconnect event)."""
+        if self.broker is None:
+            return
+        for session in self.broker.connected_sessions():
+            set_disconnect_reason(session, "node_stopping", overwrite=True)
+            await self.disconnected(session)
 
     def denied(self, identity: str, action: str, topic: str) -> None:
         self.stats.count_denial(action)
         log.warning("ACL denied: %s may not %s %r", identity, action, topic[:200])
 
-    async def disconnect(self, device_id: str) -> bool:
+    async def disconnect(self, device_id: str, reason: str = "revoked") -> bool:
         """Close *device_id*'s live session, if any (after a revocation)."""
         if self.broker is None:
             return False
-        return await self.broker.close_session(device_id)
+        return await self.broker.close_session(device_id, reason)

@@ -29,15 +29,17 @@ from typing import Any, Final, cast
 
 from amqtt.broker import Broker
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
+from amqtt.session import Session
 
 from actors.messages import Outcome
-from node.bridge import Bridge
+from node.bridge import Bridge, set_disconnect_reason
 from storage.contract import PUBLISH_KINDS, parse_topic
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class NodeProtocolHandler(BrokerProtocolHandler):
     """amqtt's broker-side protocol handler, with device PUBLISHes going to the node."""
 
     bridge: Bridge
+    #: The task closing the session after a keep-alive expiry (kept so it is not collected).
+    _keepalive_close: asyncio.Task[None] | None = None
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         session = self.session
@@ -99,10 +103,30 @@ class NodeProtocolHandler(BrokerProtocolHandler):
                 del self._pubrel_waiters[packet_id]
         await self._send_packet(PubcompPacket.build(packet_id))
 
-    async def _close(self, why: str) -> None:
+    async def _close(self, why: str, reason: str = "closed_by_node") -> None:
         client_id = self.session.client_id if self.session is not None else None
         log.warning("closing MQTT session of %r: %s", client_id, why)
+        if self.session is not None:
+            set_disconnect_reason(self.session, reason)
         await self.handle_connection_closed()
+
+    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
+        if self.session is not None:
+            set_disconnect_reason(self.session, "clean" if disconnect is not None else "connection_lost")
+        await super().handle_disconnect(disconnect)
+
+    def handle_read_timeout(self) -> None:
+        """Keep-alive expired: nothing arrived for 1.5 x the client's keep-alive. Close it.
+
+        amqtt's own handler does nothing here (upstream issue #308): a powered-off meter would
+        stay "connected" forever and its will would never be published. Closing through
+        ``handle_connection_closed`` makes amqtt treat it as an abnormal disconnect, which
+        publishes the will.
+        """
+        if self._keepalive_close is None or self._keepalive_close.done():
+            self._keepalive_close = asyncio.get_running_loop().create_task(
+                self._close("keep-alive expired", "keepalive_expired")
+            )
 
 
 class NodeBroker(Broker):
@@ -115,6 +139,11 @@ class NodeBroker(Broker):
 
     async def _initialize_client_session(self, *args: Any, **kwargs: Any) -> Any:
         handler, session = await super()._initialize_client_session(*args, **kwargs)
+        if session.keep_alive > 0:
+            # MQTT 3.1.1 §3.1.2.10: the server disconnects after 1.5 x the keep-alive of
+            # silence. amqtt's reader waits exactly keep_alive per packet and then does
+            # nothing; NodeProtocolHandler.handle_read_timeout closes the session.
+            session.keep_alive = session.keep_alive * 1.5  # type: ignore[assignment] # amqtt only compares it
         # init_from_connect() built a plain BrokerProtocolHandler; it holds no state that
         # differs between the two classes, so re-classing it is safe (pinned, see module doc).
         handler.__class__ = NodeProtocolHandler
@@ -136,7 +165,10 @@ class NodeBroker(Broker):
         finally:
             writer.close()
 
-    async def close_session(self, client_id: str) -> bool:
+    def connected_sessions(self) -> list[Session]:
+        return [s for s, _ in self._sessions.values() if s.transitions.is_connected()]
+
+    async def close_session(self, client_id: str, reason: str) -> bool:
         """Close *client_id*'s live connection; False when it has none."""
         entry = self._sessions.get(client_id)
         if entry is None:
@@ -144,6 +176,7 @@ class NodeBroker(Broker):
         session, handler = entry
         if not session.transitions.is_connected():
             return False
+        set_disconnect_reason(session, reason, overwrite=True)
         await handler.handle_connection_closed()
         return True
 

@@ -27,7 +27,8 @@ class DeviceAuthPlugin(BaseAuthPlugin):
         self._bridge = self.config.bridge
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        return bool(await self._bridge.gate.check(session.client_id, session.username, session.password))
+        will_topic = session.will_topic if session.will_flag else None
+        return bool(await self._bridge.gate.check(session.client_id, session.username, session.password, will_topic))
 
     async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
         await self._bridge.connected(client_session)

@@ -83,6 +83,14 @@ class QuarantineItem:
 
 
 @dataclass(frozen=True, slots=True)
+class EventItem:
+    id: int
+    at: float
+    event: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class Page[T]:
     items: list[T]
     next_cursor: str | None
@@ -206,6 +214,22 @@ class Reader:
             args.append(limit + 1)
             rows = c.execute(sql, args).fetchall()
             items = [QuarantineItem(*r) for r in rows[:limit]]
+            nxt = encode_cursor(items[-1].id) if len(rows) > limit else None
+            return Page(items, nxt)
+
+        return await self._run(q)
+
+    async def events(self, device_id: str, limit: int, cursor: str | None) -> Page[EventItem]:
+        """A device's connection history, newest first."""
+        before = decode_cursor(cursor, int)[0] if cursor else 2**62
+
+        def q(c: sqlite3.Connection) -> Page[EventItem]:
+            rows = c.execute(
+                "SELECT id, at, event, detail FROM device_events WHERE device_id = ? AND id < ?"
+                " ORDER BY id DESC LIMIT ?",
+                (device_id, before, limit + 1),
+            ).fetchall()
+            items = [EventItem(*r) for r in rows[:limit]]
             nxt = encode_cursor(items[-1].id) if len(rows) > limit else None
             return Page(items, nxt)
 

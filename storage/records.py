@@ -50,6 +50,19 @@ class DeviceStateRecord:
     counters: dict[str, int]
     last_seen: float | None
     online: bool
+    connected_since: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """A change of a device's connection state, kept as its history."""
+
+    at: float
+    #: ``connected`` or ``disconnected``.
+    event: str
+    #: Why: for a disconnect ``clean``, ``connection_lost``, ``keepalive_expired``, ``revoked``,
+    #: ``taken_over``, ``node_stopping``…; for a connect the remote address.
+    detail: str
 
 
 @dataclass(slots=True)
@@ -59,3 +72,4 @@ class DeviceBatch:
     messages: list[RawMessage]
     #: The device's state after the whole batch; written in the same transaction.
     state: DeviceStateRecord
+    events: list[DeviceEvent] = field(default_factory=list)

@@ -75,6 +75,19 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         online    INTEGER NOT NULL
     ) STRICT;
     """,
+    # 2: connection history and when the current connection began.
+    """
+    ALTER TABLE device_state ADD COLUMN connected_since REAL;
+
+    CREATE TABLE device_events (
+        id        INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        at        REAL NOT NULL,
+        event     TEXT NOT NULL,
+        detail    TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX device_events_by_device ON device_events (device_id, id);
+    """,
 )
 
 

@@ -93,6 +93,25 @@ class SqliteStore:
 
         return await self._run(run)
 
+    async def mark_all_offline(self, detail: str) -> int:
+        """At start-up: no device is connected to a node that just started. Returns how many
+        were marked (their disconnect was never recorded: a crash, a kill, a power cut)."""
+
+        def run(c: sqlite3.Connection) -> int:
+            now = time.time()
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [r[0] for r in c.execute("SELECT device_id FROM device_state WHERE online = 1")]
+                c.executemany(_INSERT_EVENT, [(d, now, "disconnected", detail) for d in ids])
+                c.execute("UPDATE device_state SET online = 0, connected_since = NULL WHERE online = 1")
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            return len(ids)
+
+        return await self._run(run)
+
     async def insert_api_key(self, key_id: str, role: str, key_hash: str) -> None:
         await self._run(lambda c: insert_api_key(c, key_id, role, key_hash))
 
@@ -106,12 +125,13 @@ def insert_api_key(conn: sqlite3.Connection, key_id: str, role: str, key_hash: s
 
 def load_device_state(conn: sqlite3.Connection, device_id: str) -> DeviceStateRecord | None:
     row = conn.execute(
-        "SELECT boot, low, high, gaps, counters, last_seen, online FROM device_state WHERE device_id = ?",
+        "SELECT boot, low, high, gaps, counters, last_seen, online, connected_since FROM device_state"
+        " WHERE device_id = ?",
         (device_id,),
     ).fetchone()
     if row is None:
         return None
-    boot, low, high, gaps, counters, last_seen, online = row
+    boot, low, high, gaps, counters, last_seen, online, connected_since = row
     return DeviceStateRecord(
         device_id=device_id,
         boot=boot,
@@ -121,6 +141,7 @@ def load_device_state(conn: sqlite3.Connection, device_id: str) -> DeviceStateRe
         counters={k: int(v) for k, v in json.loads(counters).items()},
         last_seen=last_seen,
         online=bool(online),
+        connected_since=connected_since,
     )
 
 
@@ -133,12 +154,14 @@ _INSERT_QUARANTINE = (
     "INSERT INTO quarantine (device_id, topic, received_at, reason, detail, raw_id) VALUES (?, ?, ?, ?, ?, ?)"
 )
 _UPSERT_STATE = """
-    INSERT INTO device_state (device_id, boot, low, high, gaps, counters, last_seen, online)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    INSERT INTO device_state (device_id, boot, low, high, gaps, counters, last_seen, online, connected_since)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (device_id) DO UPDATE SET
         boot = excluded.boot, low = excluded.low, high = excluded.high, gaps = excluded.gaps,
-        counters = excluded.counters, last_seen = excluded.last_seen, online = excluded.online
+        counters = excluded.counters, last_seen = excluded.last_seen, online = excluded.online,
+        connected_since = excluded.connected_since
 """
+_INSERT_EVENT = "INSERT INTO device_events (device_id, at, event, detail) VALUES (?, ?, ?, ?)"
 
 
 def _commit(conn: sqlite3.Connection, batches: Sequence[DeviceBatch]) -> None:
@@ -146,10 +169,12 @@ def _commit(conn: sqlite3.Connection, batches: Sequence[DeviceBatch]) -> None:
     states: dict[str, DeviceStateRecord] = {}
     telemetry: list[tuple[object, ...]] = []
     quarantine: list[tuple[object, ...]] = []
+    events: list[tuple[object, ...]] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
         for batch in batches:
             states[batch.device_id] = batch.state
+            events.extend((batch.device_id, e.at, e.event, e.detail) for e in batch.events)
             for msg in batch.messages:
                 raw_id = conn.execute(_INSERT_RAW, (batch.device_id, msg.topic, msg.received_at, msg.payload)).lastrowid
                 telemetry.extend(
@@ -161,6 +186,7 @@ def _commit(conn: sqlite3.Connection, batches: Sequence[DeviceBatch]) -> None:
                 )
         conn.executemany(_INSERT_TELEMETRY, telemetry)
         conn.executemany(_INSERT_QUARANTINE, quarantine)
+        conn.executemany(_INSERT_EVENT, events)
         conn.executemany(
             _UPSERT_STATE,
             [
@@ -173,6 +199,7 @@ def _commit(conn: sqlite3.Connection, batches: Sequence[DeviceBatch]) -> None:
                     json.dumps(s.counters, separators=(",", ":")),
                     s.last_seen,
                     int(s.online),
+                    s.connected_since,
                 )
                 for s in states.values()
             ],

@@ -16,7 +16,7 @@ from typing import Annotated, Final, Literal, Self
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from storage.contract import DEVICE_ID_PATTERN, DeviceType, format_ts, is_valid_device_id
-from storage.reader import DeviceRow, QuarantineItem, TelemetryItem
+from storage.reader import DeviceRow, EventItem, QuarantineItem, TelemetryItem
 from storage.records import DeviceStateRecord
 
 DEFAULT_PAGE: Final = 100
@@ -138,6 +138,8 @@ class DeviceCreated(Device):
 
 class DeviceState(BaseModel):
     online: bool
+    #: When the current connection began (null while offline).
+    connected_since: Timestamp | None = None
     last_seen: Timestamp | None
     boot: int | None
     #: The highest ``seq`` seen in ``boot``.
@@ -174,6 +176,7 @@ class DeviceDetail(Device):
             **base,
             state=DeviceState(
                 online=record.online,
+                connected_since=None if record.connected_since is None else epoch_to_ts(record.connected_since),
                 last_seen=None if record.last_seen is None else epoch_to_ts(record.last_seen),
                 boot=record.boot,
                 last_seq=record.high if record.boot is not None else None,
@@ -267,6 +270,29 @@ class QuarantinePage(BaseModel):
     """Quarantined messages, newest first; ``next_cursor`` is null on the last page."""
 
     items: list[QuarantinedMessage]
+    next_cursor: str | None
+
+
+class DeviceEventOut(BaseModel):
+    id: int
+    at: Timestamp
+    #: ``connected`` or ``disconnected``.
+    event: Literal["connected", "disconnected"]
+    #: For a connect, the peer address; for a disconnect why: ``clean`` (DISCONNECT packet),
+    #: ``connection_lost`` (socket closed without one), ``keepalive_expired``, ``revoked``,
+    #: ``closed_by_node``, ``node_stopping``, ``node_restart`` (the node stopped without
+    #: recording it: a crash or a kill).
+    detail: str
+
+    @classmethod
+    def from_item(cls, item: EventItem) -> Self:
+        return cls(id=item.id, at=epoch_to_ts(item.at), event=item.event, detail=item.detail)  # type: ignore[arg-type]
+
+
+class DeviceEventPage(BaseModel):
+    """A device's connection history, newest first; ``next_cursor`` is null on the last page."""
+
+    items: list[DeviceEventOut]
     next_cursor: str | None
 
 

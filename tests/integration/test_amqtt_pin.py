@@ -34,6 +34,15 @@ PINNED = {
     ),
     # stream_connected is wrapped to close the transport whatever amqtt did.
     "Broker.stream_connected": (amqtt.broker.Broker.stream_connected, "d1c68240cb49f94a"),
+    # Overridden: keep-alive enforcement and disconnect reasons.
+    "BrokerProtocolHandler.handle_read_timeout": (
+        amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.handle_read_timeout,
+        "ffd79f12457f41e1",
+    ),
+    "BrokerProtocolHandler.handle_disconnect": (
+        amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.handle_disconnect,
+        "63b454d06eab58f8",
+    ),
     "BrokerProtocolHandler.__init__": (
         amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.__init__,
         "95a1c78fecfdbffa",

@@ -44,7 +44,13 @@ async def test_register_then_show(client: Client, admin: Headers, viewer: Header
         k: created[k] for k in ("device_id", "type", "name", "created_at", "revoked")
     }
     # Never heard from: no state, every counter 0.
-    assert shown["state"] == {"online": False, "last_seen": None, "boot": None, "last_seq": None}
+    assert shown["state"] == {
+        "online": False,
+        "connected_since": None,
+        "last_seen": None,
+        "boot": None,
+        "last_seq": None,
+    }
     assert shown["counters"] == dict.fromkeys(
         ("received", "stored", "duplicates", "missing", "late", "resets", "quarantined"), 0
     )
@@ -62,7 +68,13 @@ async def test_show_state_and_counters(
     counters = {"received": 12, "stored": 10, "duplicates": 1, "missing": 3, "late": 2, "resets": 1, "quarantined": 1}
     await commit_readings("emu-1", [(4, 17, 1_000), (4, 18, 2_000)], counters=counters, last_seen=1_795_449_900.25)
     shown = await (await client.get(f"{DEVICES}/emu-1", headers=viewer)).get_json()
-    assert shown["state"] == {"online": True, "last_seen": "2026-11-23T16:05:00.250Z", "boot": 4, "last_seq": 18}
+    assert shown["state"] == {
+        "online": True,
+        "connected_since": None,
+        "last_seen": "2026-11-23T16:05:00.250Z",
+        "boot": 4,
+        "last_seq": 18,
+    }
     assert shown["counters"] == counters
 
 
