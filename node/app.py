@@ -32,7 +32,9 @@ from node.auth import DeviceGate
 from node.bridge import Bridge
 from node.broker import NodeBroker, broker_config
 from node.config import Settings, parse_bind
+from node.faults import FaultHooks, FaultyStore
 from storage.errors import StartupError
+from storage.interfaces import IngestStore
 from storage.reader import Reader
 from storage.sqlite import SqliteStore
 from web.app import create_app
@@ -76,29 +78,25 @@ def _http_config(bind: str) -> tuple[HypercornConfig, tuple[str, int]]:
     return config, addr
 
 
-async def run_node(
+async def run_node(  # noqa: PLR0915 - the composition root wires every part in one readable sequence
     settings: Settings,
     *,
     shutdown: anyio.Event,
+    faults: FaultHooks | None = None,
     task_status: TaskStatus[NodeAddresses] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the whole node until *shutdown* is set, then stop it in order."""
+    """Run the whole node until *shutdown* is set, then stop it in order.
+
+    *faults* is for tests only (see :mod:`node.faults`).
+    """
+    faults = faults or FaultHooks()
     stats = IngestStats()
     db = database_path(settings.data_dir)
     store = SqliteStore(db, synchronous=settings.sqlite_synchronous)
+    ingest_store: IngestStore = store if faults.commit is None else FaultyStore(store, faults.commit)
     reader = Reader(db)
-    writer = StorageWriter(store, stats, max_group=settings.writer_max_group)
-    router = Router(
-        store,
-        writer,
-        stats,
-        RouterConfig(
-            mailbox_capacity=settings.device_mailbox,
-            actor=DeviceActorConfig(
-                idle_timeout=settings.device_idle_timeout_s, max_payload_bytes=settings.max_payload_bytes
-            ),
-        ),
-    )
+    writer = StorageWriter(ingest_store, stats, max_group=settings.writer_max_group)
+    router = _router(settings, ingest_store, writer, stats, faults)
     gate = DeviceGate(reader, stats, concurrency=settings.auth_concurrency)
     bridge = Bridge(gate, router, stats, disconnect_on_denial=settings.disconnect_on_acl_denial)
 
@@ -146,6 +144,14 @@ async def run_node(
         reader.close()
         store.close()
         log.info("stopped")
+
+
+def _router(
+    settings: Settings, store: IngestStore, writer: StorageWriter, stats: IngestStats, faults: FaultHooks
+) -> Router:
+    actor = DeviceActorConfig(idle_timeout=settings.device_idle_timeout_s, max_payload_bytes=settings.max_payload_bytes)
+    config = RouterConfig(mailbox_capacity=settings.device_mailbox, actor=actor)
+    return Router(store, writer, stats, config, fault_hook=faults.device)
 
 
 async def _run_writer(writer: StorageWriter, done: anyio.Event) -> None:

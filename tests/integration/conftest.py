@@ -17,6 +17,7 @@ from anyio.abc import TaskGroup
 
 from node.app import NodeAddresses, database_path, run_node
 from node.config import Settings
+from node.faults import FaultHooks
 from storage.secrets import new_api_key
 from storage.sqlite import connect, insert_api_key
 
@@ -87,13 +88,15 @@ def make_admin_key(data_dir: Path) -> str:
     return key
 
 
-async def start_node(tg: TaskGroup, data_dir: Path, admin_key: str, **settings: Any) -> RunningNode:
+async def start_node(
+    tg: TaskGroup, data_dir: Path, admin_key: str, faults: FaultHooks | None = None, **settings: Any
+) -> RunningNode:
     node = RunningNode(data_dir=data_dir, admin_key=admin_key)
     config = Settings(data_dir=data_dir, mqtt_bind="127.0.0.1:0", http_bind="127.0.0.1:0", **settings)
 
     async def run(*, task_status: anyio.abc.TaskStatus[NodeAddresses]) -> None:
         try:
-            await run_node(config, shutdown=node.shutdown, task_status=task_status)
+            await run_node(config, shutdown=node.shutdown, faults=faults, task_status=task_status)
         finally:
             node.stopped.set()
 
