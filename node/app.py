@@ -124,6 +124,8 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             if stale:
                 log.info("%d devices were online when the node last stopped; marked offline", stale)
             broker, mqtt_addr = await _start_broker(settings, bridge)
+            if settings.device_inactivity_timeout_s > 0:
+                tg.start_soon(broker.enforce_inactivity, settings.device_inactivity_timeout_s, name="inactivity")
             readiness["broker"] = True
             tg.start_soon(run_http, name="http")
             readiness["http"] = True

@@ -30,6 +30,7 @@ from typing import Any, Final, cast
 from amqtt.broker import Broker
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.pingreq import PingReqPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
@@ -53,8 +54,15 @@ class NodeProtocolHandler(BrokerProtocolHandler):
     bridge: Bridge
     #: The task closing the session after a keep-alive expiry (kept so it is not collected).
     _keepalive_close: asyncio.Task[None] | None = None
+    #: Event-loop time of the last PUBLISH or PINGREQ (see NodeBroker.enforce_inactivity).
+    last_activity: float = 0.0
+
+    async def handle_pingreq(self, pingreq: PingReqPacket) -> None:
+        self.last_activity = asyncio.get_running_loop().time()
+        await super().handle_pingreq(pingreq)
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        self.last_activity = asyncio.get_running_loop().time()
         session = self.session
         topic = publish_packet.topic_name
         data = publish_packet.data
@@ -147,7 +155,9 @@ class NodeBroker(Broker):
         # init_from_connect() built a plain BrokerProtocolHandler; it holds no state that
         # differs between the two classes, so re-classing it is safe (pinned, see module doc).
         handler.__class__ = NodeProtocolHandler
-        cast("NodeProtocolHandler", handler).bridge = self.bridge
+        node_handler = cast("NodeProtocolHandler", handler)
+        node_handler.bridge = self.bridge
+        node_handler.last_activity = asyncio.get_running_loop().time()
         return handler, session
 
     async def stream_connected(
@@ -164,6 +174,23 @@ class NodeBroker(Broker):
             log.debug("MQTT connection ended with a socket error: %r", exc)
         finally:
             writer.close()
+
+    async def enforce_inactivity(self, silence: float) -> None:
+        """Close sessions that sent no PUBLISH or PINGREQ for *silence* seconds, by the node's
+        own clock. A backstop for what keep-alive cannot catch: a client that connected with
+        keep-alive 0 (disabled) and went silent would otherwise hold its session forever.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.05, min(silence / 4, 5.0)))
+            deadline = loop.time() - silence
+            for session, handler in list(self._sessions.values()):
+                if (
+                    isinstance(handler, NodeProtocolHandler)
+                    and session.transitions.is_connected()
+                    and handler.last_activity < deadline
+                ):
+                    await handler._close(f"no activity for {silence:g} s", "inactive")  # noqa: SLF001
 
     def connected_sessions(self) -> list[Session]:
         return [s for s, _ in self._sessions.values() if s.transitions.is_connected()]

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=0, ge=0, description="0 means unlimited")
     device_mailbox: int = Field(default=1024, ge=1, le=1_000_000)
     device_idle_timeout_s: float = Field(default=300.0, gt=0)
+    #: Close a session that sent no PUBLISH or PINGREQ for this long (0 = never). A backstop
+    #: for clients with keep-alive 0; devices with a keep-alive are closed at 1.5 x it anyway.
+    device_inactivity_timeout_s: float = Field(default=900.0, ge=0)
     writer_max_group: int = Field(default=512, ge=1, le=100_000)
     #: Concurrent Argon2 verifications (each ~20 ms CPU and 19 MiB): a reconnect storm queues.
     auth_concurrency: int = Field(default=2, ge=1, le=64)

@@ -43,6 +43,11 @@ PINNED = {
         amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.handle_disconnect,
         "63b454d06eab58f8",
     ),
+    # Overridden to note activity for the node's inactivity timeout.
+    "BrokerProtocolHandler.handle_pingreq": (
+        amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.handle_pingreq,
+        "de126279f40d7031",
+    ),
     "BrokerProtocolHandler.__init__": (
         amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.__init__,
         "95a1c78fecfdbffa",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
 from tests import mqtt_raw
-from tests.integration.conftest import RunningNode
+from tests.integration.conftest import RunningNode, make_admin_key, start_node, stop_node
 
 pytestmark = pytest.mark.anyio
 
@@ -124,3 +125,26 @@ async def test_a_will_on_another_devices_topic_is_refused(node: RunningNode) -> 
     async with node.http() as client:
         metrics = (await client.get("/metrics")).text
     assert 'depot_node_auth_refused_total{reason="bad_will_topic"} 1.0' in metrics
+
+
+async def test_node_closes_sessions_silent_past_the_inactivity_timeout(tmp_path: Path) -> None:
+    """A client with keep-alive 0 is never timed out by keep-alive; the node's own clock is."""
+    key = make_admin_key(tmp_path)
+    async with anyio.create_task_group() as tg:
+        node = await start_node(tg, tmp_path, key, device_inactivity_timeout_s=1.0)
+        secret = await node.register("mute-1")
+
+        def silent() -> float:
+            with socket.create_connection(("127.0.0.1", node.mqtt_port), timeout=10) as sock:
+                sock.sendall(mqtt_raw.connect("mute-1", "mute-1", secret, keepalive=0))
+                assert mqtt_raw.read_packet(sock)[0] == 2
+                started = time.monotonic()
+                assert sock.recv(16) == b""
+                return time.monotonic() - started
+
+        assert 0.9 <= await anyio.to_thread.run_sync(silent) < 3.0
+        with anyio.fail_after(10):
+            while len(await events(node, "mute-1")) < 2:
+                await anyio.sleep(0.05)
+        assert (await events(node, "mute-1"))[1] == ("disconnected", "inactive")
+        await stop_node(node)
