@@ -4,6 +4,8 @@ It decodes and validates each PUBLISH, runs the sequence tracker, keeps liveness
 last seen) and hands the result of every drained batch to the storage writer as one
 :class:`~storage.records.DeviceBatch`, together with the completions the broker is waiting
 on. It never acknowledges anything itself: a completion resolves when the writer committed.
+It also tells the alert actor, without waiting, what a batch changed (gaps, stale boots,
+quarantines) and when its link went down or up (see :mod:`actors.alerts`).
 
 On start it first waits for the writer to commit everything already submitted (so a restarted
 actor never reads state older than what is on its way to disk), then loads its state from
@@ -21,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 
+from actors.alerts import OFFLINE_REASONS, AlertRule, AlertSignal, AlertSink
 from actors.mailbox import Mailbox
 from actors.messages import Completion, DeviceMessage, Link, LinkEvent, Outcome, Publish
 from actors.sequence import Counters, SequenceState, SequenceTracker
@@ -62,6 +65,7 @@ class DeviceActor:
         config: DeviceActorConfig,
         may_retire: Callable[[], bool],
         fault_hook: Callable[[str, DeviceMessage], None] | None = None,
+        alerts: AlertSink | None = None,
     ) -> None:
         self.device_id = device_id
         self.mailbox = mailbox
@@ -76,6 +80,12 @@ class DeviceActor:
         self._last_seen: float | None = None
         self._connected_since: float | None = None
         self._events: list[DeviceEvent] = []
+        self._alerts = alerts
+        # For the alert signals of a batch: set while handling it, read once at its end.
+        self._batch_at = 0.0
+        self._stale = 0
+        self._stale_detail = ""
+        self._last_reason = QuarantineReason.SCHEMA
 
     async def run(self) -> None:
         await self._writer.barrier()
@@ -114,6 +124,9 @@ class DeviceActor:
     async def _handle_batch(self, batch: list[DeviceMessage]) -> None:
         completions: list[Completion] = []
         self._events = []
+        counters = self._tracker.counters
+        missing, resets, quarantined = counters.missing, counters.resets, counters.quarantined
+        self._stale = 0
         try:
             messages: list[RawMessage] = []
             for item in batch:
@@ -128,6 +141,8 @@ class DeviceActor:
                 else:
                     self._handle_link(item)
             request = WriteRequest(DeviceBatch(self.device_id, messages, self._snapshot(), self._events), completions)
+            if self._alerts is not None:
+                self._signal_batch(self._alerts, missing, resets, quarantined)
         except BaseException:
             # Fail every completion of the batch, not only those collected so far: the items
             # after the one that raised left the mailbox too, and nobody else will resolve them.
@@ -143,9 +158,46 @@ class DeviceActor:
         self._connected_since = link.at if connected else None
         self._last_seen = max(self._last_seen or 0.0, link.at)
         self._events.append(DeviceEvent(link.at, link.event.value, link.detail))
+        if self._alerts is not None and (connected or link.detail in OFFLINE_REASONS):
+            rule = AlertRule.DEVICE_OFFLINE
+            self._alerts(AlertSignal(self.device_id, rule, raised=not connected, detail=link.detail, at=link.at))
+
+    def _signal_batch(self, alerts: AlertSink, missing: int, resets: int, quarantined: int) -> None:
+        """Tell the alert actor what this batch changed: nothing is built when nothing did.
+
+        *missing*, *resets* and *quarantined* are the counters before the batch.
+        """
+        c = self._tracker.counters
+        dev, at = self.device_id, self._batch_at
+        if c.quarantined != quarantined:
+            n = c.quarantined - quarantined
+            reason = self._last_reason.value
+            alerts(AlertSignal(dev, AlertRule.QUARANTINE_BURST, raised=True, detail=reason, at=at, count=n))
+        if self._stale:
+            detail = self._stale_detail
+            alerts(AlertSignal(dev, AlertRule.STALE_BOOT, raised=True, detail=detail, at=at, count=self._stale))
+        if c.missing == missing and c.resets == resets:
+            return
+        st = self._tracker.state
+        if c.resets != resets:
+            # The old boot's gaps can never be filled now: its alert ends here.
+            detail = f"boot {st.boot} started"
+            alerts(AlertSignal(dev, AlertRule.SEQUENCE_GAP, raised=False, detail=detail, at=at))
+        open_missing = sum(end - start + 1 for start, end in st.gaps)
+        if open_missing:
+            detail = f"missing readings in boot {st.boot}: {open_missing}"
+            grew = int(c.missing > missing)
+            alerts(
+                AlertSignal(
+                    dev, AlertRule.SEQUENCE_GAP, raised=True, detail=detail, at=at, count=grew, level=open_missing
+                )
+            )
+        elif c.resets == resets:
+            alerts(AlertSignal(dev, AlertRule.SEQUENCE_GAP, raised=False, detail="every gap filled", at=at))
 
     def _handle_publish(self, msg: Publish) -> RawMessage | None:
         self._stats.publishes += 1
+        self._batch_at = msg.received_at
         # Liveness (online) comes from the connection events alone: a publish that waited in
         # the mailbox may be handled after its connection's DISCONNECTED event.
         self._last_seen = max(self._last_seen or 0.0, msg.received_at)
@@ -176,16 +228,15 @@ class DeviceActor:
         if verdict.name == "DUPLICATE":
             self._stats.readings_duplicate += 1
             return None
-        self._quarantine(
-            raw,
-            QuarantineReason.STALE_BOOT,
-            f"boot {reading.boot} is lower than the current boot {self._tracker.state.boot}",
-        )
+        self._stale += 1
+        self._stale_detail = f"boot {reading.boot} is lower than the current boot {self._tracker.state.boot}"
+        self._quarantine(raw, QuarantineReason.STALE_BOOT, self._stale_detail)
         return raw
 
     def _quarantine(self, raw: RawMessage, reason: QuarantineReason, detail: str) -> None:
         raw.quarantine.append(QuarantineRow(reason, detail))
         self._stats.count_quarantine(reason.value)
+        self._last_reason = reason
 
     def _snapshot(self) -> DeviceStateRecord:
         st = self._tracker.state

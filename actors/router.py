@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from actors.alerts import AlertSink
 from actors.device import DeviceActor, DeviceActorConfig
 from actors.mailbox import Mailbox
 from actors.messages import DeviceMessage, Outcome, Publish
@@ -50,12 +51,14 @@ class Router:
         config: RouterConfig | None = None,
         *,
         fault_hook: Callable[[str, DeviceMessage], None] | None = None,
+        alerts: AlertSink | None = None,
     ) -> None:
         self._store = store
         self._writer = writer
         self._stats = stats
         self._config = config or RouterConfig()
         self._fault_hook = fault_hook
+        self._alerts = alerts
         self._slots: dict[str, _Slot] = {}
         self.parked: set[str] = set()
         self._tg: TaskGroup | None = None
@@ -123,6 +126,7 @@ class Router:
             config=self._config.actor,
             may_retire=may_retire,
             fault_hook=self._fault_hook,
+            alerts=self._alerts,
         )
         slot = _Slot(mailbox, actor)
         self._slots[device_id] = slot

@@ -10,6 +10,19 @@ from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
+class AlertStats:
+    """What :class:`actors.alerts.AlertActor` counts. Keys are :class:`actors.alerts.AlertRule`
+    values, a closed set, so they are safe as metric labels."""
+
+    #: Alerts not cleared (state ``open`` or ``acknowledged``), per rule.
+    open: dict[str, int] = field(default_factory=dict)
+    #: Alerts raised (new rows; a repeat of an open alert is not counted again), per rule.
+    raised: dict[str, int] = field(default_factory=dict)
+    #: Signals lost because the alert actor's mailbox was full or closed.
+    signals_dropped: int = 0
+
+
+@dataclass(slots=True)
 class IngestStats:
     publishes: int = 0
     readings_stored: int = 0
@@ -28,6 +41,7 @@ class IngestStats:
     auth_refused: dict[str, int] = field(default_factory=dict)
     acl_denied: dict[str, int] = field(default_factory=dict)
     connections: int = 0
+    alerts: AlertStats = field(default_factory=AlertStats)
 
     def count_quarantine(self, reason: str) -> None:
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1

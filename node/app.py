@@ -23,11 +23,13 @@ from anyio.abc import TaskStatus
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
+from actors.alerts import AlertSink
 from actors.device import DeviceActorConfig
 from actors.router import Router, RouterConfig
 from actors.stats import IngestStats
 from actors.supervisor import Restart, RestartPolicy, supervise
 from actors.writer import StorageWriter
+from node.alerting import build_alerts, run_alerts, stop_alerts
 from node.auth import DeviceGate
 from node.bridge import Bridge
 from node.broker import NodeBroker, broker_config
@@ -96,9 +98,13 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     ingest_store: IngestStore = store if faults.commit is None else FaultyStore(store, faults.commit)
     reader = Reader(db)
     writer = StorageWriter(ingest_store, stats, max_group=settings.writer_max_group)
-    router = _router(settings, ingest_store, writer, stats, faults)
+    # Alerts (node/alerting.py): device actors and the bridge signal the alert actor, never wait.
+    alerts = build_alerts(settings, store, stats.alerts)
+    alerts_done = anyio.Event()
+    alert_sink = alerts.signal if alerts is not None else None
+    router = _router(settings, ingest_store, writer, stats, faults, alerts=alert_sink)
     gate = DeviceGate(reader, stats, concurrency=settings.auth_concurrency)
-    bridge = Bridge(gate, router, stats, disconnect_on_denial=settings.disconnect_on_acl_denial)
+    bridge = Bridge(gate, router, stats, disconnect_on_denial=settings.disconnect_on_acl_denial, alerts=alert_sink)
 
     async def on_revoked(device_id: str) -> None:
         gate.forget(device_id)
@@ -118,6 +124,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_run_writer, writer, writer_done, name="storage-writer")
+            tg.start_soon(run_alerts, alerts, alerts_done, name="alerts")
             await tg.start(router.run, name="router")
             readiness["storage"] = await reader.ping()
             stale = await store.mark_all_offline("node_restart")
@@ -140,6 +147,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             with anyio.CancelScope(shield=True):
                 await bridge.node_stopping()
                 await _drain(broker, router, writer, writer_done)
+                await stop_alerts(alerts, alerts_done)
             tg.cancel_scope.cancel()
     finally:
         writer.fail_pending()
@@ -149,11 +157,17 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
 
 
 def _router(
-    settings: Settings, store: IngestStore, writer: StorageWriter, stats: IngestStats, faults: FaultHooks
+    settings: Settings,
+    store: IngestStore,
+    writer: StorageWriter,
+    stats: IngestStats,
+    faults: FaultHooks,
+    *,
+    alerts: AlertSink | None = None,
 ) -> Router:
     actor = DeviceActorConfig(idle_timeout=settings.device_idle_timeout_s, max_payload_bytes=settings.max_payload_bytes)
     config = RouterConfig(mailbox_capacity=settings.device_mailbox, actor=actor)
-    return Router(store, writer, stats, config, fault_hook=faults.device)
+    return Router(store, writer, stats, config, fault_hook=faults.device, alerts=alerts)
 
 
 async def _run_writer(writer: StorageWriter, done: anyio.Event) -> None:

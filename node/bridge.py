@@ -13,6 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Final
 
+from actors.alerts import AlertRule, AlertSignal, AlertSink
 from actors.messages import Completion, Link, LinkEvent, Outcome, Publish
 from actors.router import Router
 from actors.stats import IngestStats
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 #: revocation); the disconnect hook, which receives only the session, reads it.
 DISCONNECT_REASON: Final = "_depot_node_disconnect_reason"
 
+_DEVICE_ACTIONS: Final = frozenset({"publish", "subscribe"})
+
 
 def set_disconnect_reason(session: Session, reason: str, *, overwrite: bool = False) -> None:
     if overwrite or getattr(session, DISCONNECT_REASON, None) is None:
@@ -37,11 +40,21 @@ def set_disconnect_reason(session: Session, reason: str, *, overwrite: bool = Fa
 
 
 class Bridge:
-    def __init__(self, gate: DeviceGate, router: Router, stats: IngestStats, *, disconnect_on_denial: bool) -> None:
+    def __init__(
+        self,
+        gate: DeviceGate,
+        router: Router,
+        stats: IngestStats,
+        *,
+        disconnect_on_denial: bool,
+        alerts: AlertSink | None = None,
+    ) -> None:
         self.gate = gate
         self.router = router
         self.stats = stats
         self.disconnect_on_denial = disconnect_on_denial
+        #: Where ACL denials go as ``acl_denial`` signals (never blocks; see actors.alerts).
+        self.alerts = alerts
         self.broker: NodeBroker | None = None
 
     async def ingest(self, parsed: ParsedTopic, topic: str, payload: bytes, *, wait: bool) -> Outcome:
@@ -76,6 +89,10 @@ class Bridge:
     def denied(self, identity: str, action: str, topic: str) -> None:
         self.stats.count_denial(action)
         log.warning("ACL denied: %s may not %s %r", identity, action, topic[:200])
+        # Only what a device asked for; "receive" is the node's own delivery being filtered.
+        if self.alerts is not None and identity and action in _DEVICE_ACTIONS:
+            detail = f"may not {action} {topic[:200]!r}"
+            self.alerts(AlertSignal(identity, AlertRule.ACL_DENIAL, raised=True, detail=detail, at=time.time()))
 
     async def disconnect(self, device_id: str, reason: str = "revoked") -> bool:
         """Close *device_id*'s live session, if any (after a revocation)."""

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from actors.alerts import AlertRule
 from storage.errors import ConfigError
 
 
@@ -43,7 +44,11 @@ Bind = Annotated[str, AfterValidator(_check_bind)]
 
 
 class Settings(BaseSettings):
-    """Every setting of the node. Environment: ``DEPOT_NODE_<NAME>`` (e.g. ``DEPOT_NODE_MQTT_BIND``)."""
+    """Every setting of the node. Environment: ``DEPOT_NODE_<NAME>`` (e.g. ``DEPOT_NODE_MQTT_BIND``).
+
+    Alerting is ``alerts_enabled`` plus the ``alert_*`` rules and thresholds below; what each
+    rule raises and clears is tabled in :mod:`actors.alerts`.
+    """
 
     model_config = SettingsConfigDict(env_prefix="DEPOT_NODE_", extra="forbid", frozen=True)
 
@@ -66,6 +71,26 @@ class Settings(BaseSettings):
     auth_concurrency: int = Field(default=2, ge=1, le=64)
     #: Close a device's session when it publishes where its ACL forbids.
     disconnect_on_acl_denial: bool = False
+    # Alerts (see actors/alerts.py for each rule's raise and clear):
+    #: Run the alert rules at all; off, nothing raises or clears alerts (the API still lists them).
+    alerts_enabled: bool = True
+    #: Rules to leave off, e.g. ``["acl_denial"]`` (env: a JSON list). Their uncleared alerts clear.
+    alert_rules_disabled: frozenset[AlertRule] = frozenset()
+    #: device_offline: raised when a link died (connection_lost, keepalive_expired, inactive) and
+    #: the device has not reconnected for this long (0 = at once); cleared on reconnect.
+    alert_offline_grace_s: float = Field(default=60.0, ge=0)
+    #: sequence_gap: raised when this many readings are missing in the current boot's open gaps;
+    #: cleared when none is missing any more or the device reboots.
+    alert_gap_min_missing: int = Field(default=1, ge=1)
+    #: quarantine_burst: raised at this many quarantined messages of one device within
+    #: ``alert_quarantine_window_s``; cleared after a whole window without one.
+    alert_quarantine_burst: int = Field(default=10, ge=1)
+    alert_quarantine_window_s: float = Field(default=60.0, gt=0)
+    #: acl_denial: cleared after this long without a denial (0 = never).
+    alert_acl_clear_after_s: float = Field(default=3600.0, ge=0)
+    #: stale_boot: cleared after this long without a stale reading (0, the default = never:
+    #: the quarantined readings need someone to look at them).
+    alert_stale_boot_clear_after_s: float = Field(default=0.0, ge=0)
 
     @classmethod
     def settings_customise_sources(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from storage.records import DeviceBatch, DeviceStateRecord
+from storage.records import AlertRecord, AlertWrite, DeviceBatch, DeviceStateRecord
 
 
 class IngestStore(Protocol):
@@ -19,4 +19,14 @@ class IngestStore(Protocol):
 
     async def commit(self, batches: Sequence[DeviceBatch]) -> None:
         """Write all *batches* in one transaction; raise :class:`storage.errors.StorageError` on failure."""
+        ...
+
+
+class AlertStore(Protocol):
+    async def uncleared_alerts(self) -> list[AlertRecord]:
+        """Every alert whose state is ``open`` or ``acknowledged``."""
+        ...
+
+    async def write_alerts(self, writes: Sequence[AlertWrite]) -> None:
+        """Apply *writes* in order, in one transaction; raise :class:`storage.errors.StorageError` on failure."""
         ...

@@ -20,8 +20,8 @@ from typing import Any
 import anyio
 
 from storage.errors import StorageError
-from storage.records import DeviceStateRecord
-from storage.sqlite import load_device_state
+from storage.records import AlertRecord, DeviceStateRecord
+from storage.sqlite import SELECT_ALERTS, alert_from_row, load_device_state
 
 
 class BadCursor(ValueError):  # noqa: N818 - reads as what happened
@@ -232,6 +232,35 @@ class Reader:
             items = [EventItem(*r) for r in rows[:limit]]
             nxt = encode_cursor(items[-1].id) if len(rows) > limit else None
             return Page(items, nxt)
+
+        return await self._run(q)
+
+    async def alerts(
+        self, state: str | None, device_id: str | None, rule: str | None, limit: int, cursor: str | None
+    ) -> Page[AlertRecord]:
+        """Alerts, newest (last raised) first, optionally of one state, device and rule."""
+        before = decode_cursor(cursor, int)[0] if cursor else 2**62
+
+        def q(c: sqlite3.Connection) -> Page[AlertRecord]:
+            sql = SELECT_ALERTS + " WHERE id < ?"
+            args: list[object] = [before]
+            for column, value in (("state", state), ("device_id", device_id), ("rule", rule)):
+                if value is not None:
+                    sql += f" AND {column} = ?"
+                    args.append(value)
+            sql += " ORDER BY id DESC LIMIT ?"
+            args.append(limit + 1)
+            rows = c.execute(sql, args).fetchall()
+            items = [alert_from_row(r) for r in rows[:limit]]
+            nxt = encode_cursor(rows[limit - 1][-1]) if len(rows) > limit else None
+            return Page(items, nxt)
+
+        return await self._run(q)
+
+    async def alert(self, alert_id: str) -> AlertRecord | None:
+        def q(c: sqlite3.Connection) -> AlertRecord | None:
+            row = c.execute(SELECT_ALERTS + " WHERE alert_id = ?", (alert_id,)).fetchone()
+            return None if row is None else alert_from_row(row)
 
         return await self._run(q)
 

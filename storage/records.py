@@ -73,3 +73,43 @@ class DeviceBatch:
     #: The device's state after the whole batch; written in the same transaction.
     state: DeviceStateRecord
     events: list[DeviceEvent] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """One alert as stored. Times are epoch seconds; ``rule``, ``state`` and ``severity`` are
+    the values of :mod:`actors.alerts`' enums (storage does not import the actors)."""
+
+    alert_id: str
+    device_id: str
+    rule: str
+    state: str
+    severity: str
+    detail: str
+    count: int
+    raised_at: float
+    last_seen_at: float
+    acked_at: float | None = None
+    acked_by: str | None = None
+    cleared_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertWrite:
+    """What the alert actor knows of one alert, written as an upsert: inserted ``open`` when
+    new, else its ``detail``, ``count`` and ``last_seen_at`` are set (never its state or ack).
+    With ``cleared_at`` it is then cleared, whether it was open or acknowledged.
+
+    The values are absolute, not increments, so writing the same record twice (a retry after a
+    failed transaction) is harmless.
+    """
+
+    alert_id: str
+    device_id: str
+    rule: str
+    severity: str
+    detail: str
+    count: int
+    raised_at: float
+    last_seen_at: float
+    cleared_at: float | None = None

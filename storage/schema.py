@@ -88,6 +88,28 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ) STRICT;
     CREATE INDEX device_events_by_device ON device_events (device_id, id);
     """,
+    # 3: alerts. At most one alert per (device, rule) is not cleared; the partial unique index
+    # holds the alert actor to that. `rule` has no CHECK: a new rule must not need a migration.
+    """
+    CREATE TABLE alerts (
+        id           INTEGER PRIMARY KEY,
+        alert_id     TEXT NOT NULL UNIQUE,
+        device_id    TEXT NOT NULL,
+        rule         TEXT NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN ('open', 'acknowledged', 'cleared')),
+        severity     TEXT NOT NULL,
+        detail       TEXT NOT NULL,
+        count        INTEGER NOT NULL,
+        raised_at    REAL NOT NULL,
+        last_seen_at REAL NOT NULL,
+        acked_at     REAL,
+        acked_by     TEXT,
+        cleared_at   REAL
+    ) STRICT;
+    CREATE UNIQUE INDEX alerts_one_uncleared ON alerts (device_id, rule) WHERE state != 'cleared';
+    CREATE INDEX alerts_by_state ON alerts (state, id);
+    CREATE INDEX alerts_by_device ON alerts (device_id, id);
+    """,
 )
 
 

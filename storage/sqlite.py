@@ -18,12 +18,12 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 
 from storage.errors import DeviceExists, StorageError
-from storage.records import DeviceBatch, DeviceStateRecord
+from storage.records import AlertRecord, AlertWrite, DeviceBatch, DeviceStateRecord
 from storage.schema import migrate
 
 Synchronous = Literal["FULL", "NORMAL"]
@@ -115,6 +115,34 @@ class SqliteStore:
     async def insert_api_key(self, key_id: str, role: str, key_hash: str) -> None:
         await self._run(lambda c: insert_api_key(c, key_id, role, key_hash))
 
+    # -- alerts (the alert actor writes them; an operator acknowledges them) ---------------------
+
+    async def uncleared_alerts(self) -> list[AlertRecord]:
+        def run(c: sqlite3.Connection) -> list[AlertRecord]:
+            rows = c.execute(SELECT_ALERTS + " WHERE state IN ('open', 'acknowledged') ORDER BY id").fetchall()
+            return [alert_from_row(r) for r in rows]
+
+        return await self._run(run)
+
+    async def write_alerts(self, writes: Sequence[AlertWrite]) -> None:
+        await self._run(lambda c: _write_alerts(c, writes))
+
+    async def ack_alert(self, alert_id: str, key_id: str) -> AlertRecord | None:
+        """Acknowledge *alert_id* if it is open, on behalf of API key *key_id*.
+
+        Returns the alert as it is afterwards (None when there is no such alert): an alert
+        that was acknowledged already keeps its first ``acked_at``/``acked_by``, and a cleared
+        one stays cleared; the caller tells these apart by ``state``. The update and the read
+        run in one call on the writer connection, so no clear can slip in between.
+        """
+
+        def run(c: sqlite3.Connection) -> AlertRecord | None:
+            c.execute(_ACK_ALERT, (time.time(), key_id, alert_id))
+            row = c.execute(SELECT_ALERTS + " WHERE alert_id = ?", (alert_id,)).fetchone()
+            return None if row is None else alert_from_row(row)
+
+        return await self._run(run)
+
 
 def insert_api_key(conn: sqlite3.Connection, key_id: str, role: str, key_hash: str) -> None:
     conn.execute(
@@ -204,6 +232,51 @@ def _commit(conn: sqlite3.Connection, batches: Sequence[DeviceBatch]) -> None:
                 for s in states.values()
             ],
         )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+#: The columns of :class:`AlertRecord` in its field order, then the rowid (the reader's cursor).
+SELECT_ALERTS = (
+    "SELECT alert_id, device_id, rule, state, severity, detail, count, raised_at, last_seen_at,"
+    " acked_at, acked_by, cleared_at, id FROM alerts"
+)
+
+
+def alert_from_row(row: Sequence[Any]) -> AlertRecord:
+    """An :class:`AlertRecord` from a row of :data:`SELECT_ALERTS`."""
+    return AlertRecord(*row[:12])
+
+
+# Not an UPSERT: ON CONFLICT (alert_id) covers that constraint only, and inserting a repeat of
+# an uncleared alert trips the partial unique index on (device_id, rule) first.
+_UPDATE_ALERT = "UPDATE alerts SET detail = ?, count = ?, last_seen_at = ? WHERE alert_id = ?"
+_INSERT_ALERT = (
+    "INSERT INTO alerts (alert_id, device_id, rule, state, severity, detail, count, raised_at, last_seen_at)"
+    " VALUES (?, ?, ?, 'open', ?, ?, ?, ?, ?)"
+)
+_ACK_ALERT = (
+    "UPDATE alerts SET state = 'acknowledged', acked_at = ?, acked_by = ? WHERE alert_id = ? AND state = 'open'"
+)
+_CLEAR_ALERT = "UPDATE alerts SET state = 'cleared', cleared_at = ? WHERE alert_id = ? AND state != 'cleared'"
+
+
+def _write_alerts(conn: sqlite3.Connection, writes: Sequence[AlertWrite]) -> None:
+    # In order, one statement at a time: an alert cleared here must be cleared before the next
+    # alert of its (device, rule) is inserted, or the partial unique index refuses the insert.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for w in writes:
+            if conn.execute(_UPDATE_ALERT, (w.detail, w.count, w.last_seen_at, w.alert_id)).rowcount == 0:
+                conn.execute(
+                    _INSERT_ALERT,
+                    (w.alert_id, w.device_id, w.rule, w.severity, w.detail, w.count, w.raised_at, w.last_seen_at),
+                )
+            if w.cleared_at is not None:
+                conn.execute(_CLEAR_ALERT, (w.cleared_at, w.alert_id))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

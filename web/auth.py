@@ -59,6 +59,12 @@ async def authenticate() -> tuple[str, str]:
     return key_id, found[0]
 
 
+def caller_key_id() -> str:
+    """The id of the API key of the current request (inside a route guarded by :func:`requires`)."""
+    key_id: str = g.api_key_id
+    return key_id
+
+
 def has_role(role: str, needed: Role) -> bool:
     return _RANK.get(role, 0) >= _RANK[needed]
 

@@ -41,6 +41,7 @@ VALIDATION: Final = _TAG + "validation"
 BAD_CURSOR: Final = _TAG + "bad-cursor"
 DEVICE_EXISTS: Final = _TAG + "device-exists"
 NOT_READY: Final = _TAG + "not-ready"
+ALERT_CLEARED: Final = _TAG + "alert-cleared"
 
 
 class ApiError(Exception):

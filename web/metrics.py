@@ -7,7 +7,7 @@ one, so two nodes (or two tests) in one process do not share or collide on metri
 
 Naming: prefix ``depot_node_``, base units (seconds), ``_total`` on counters (prometheus_client
 adds it to counter samples). No per-device labels: label values come from bounded sets (the
-quarantine reasons of the contract, auth refusal reasons, ACL actions).
+quarantine reasons of the contract, auth refusal reasons, ACL actions, alert rules).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from actors.alerts import AlertRule
 from actors.stats import IngestStats
 from storage.contract import QuarantineReason
 
@@ -41,6 +42,9 @@ DEVICES_PARKED: Final = PREFIX + "devices_parked"
 AUTH_REFUSED: Final = PREFIX + "auth_refused"
 ACL_DENIED: Final = PREFIX + "acl_denied"
 MQTT_CONNECTIONS: Final = PREFIX + "mqtt_connections"
+ALERTS_OPEN: Final = PREFIX + "alerts_open"
+ALERTS_RAISED: Final = PREFIX + "alerts_raised"
+ALERT_SIGNALS_DROPPED: Final = PREFIX + "alert_signals_dropped"
 
 
 class IngestCollector(Collector):
@@ -79,6 +83,25 @@ class IngestCollector(Collector):
             ACL_DENIED, "MQTT publishes and subscriptions denied by the ACL.", "action", s.acl_denied
         )
         yield _gauge(MQTT_CONNECTIONS, "Open MQTT connections.", s.connections)
+        # Every rule is exported from the start (0), like the quarantine reasons.
+        rules = dict.fromkeys((r.value for r in AlertRule), 0)
+        yield _labelled_gauge(
+            ALERTS_OPEN,
+            "Alerts not cleared yet: state open or acknowledged (an acknowledgement does not lower it).",
+            "rule",
+            rules | s.alerts.open,
+        )
+        yield _labelled_counter(
+            ALERTS_RAISED,
+            "Alerts raised (a repeat of an uncleared one is not counted).",
+            "rule",
+            rules | s.alerts.raised,
+        )
+        yield _counter(
+            ALERT_SIGNALS_DROPPED,
+            "Alert signals lost because the alert actor's mailbox was full.",
+            s.alerts.signals_dropped,
+        )
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -91,6 +114,13 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def _labelled_counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> CounterMetricFamily:
     family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+def _labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, int]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=[label])
     for key, value in sorted(values.items()):
         family.add_metric([key], value)
     return family

@@ -15,9 +15,10 @@ from typing import Annotated, Final, Literal, Self
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from actors.alerts import AlertRule, AlertState, Severity
 from storage.contract import DEVICE_ID_PATTERN, DeviceType, format_ts, is_valid_device_id
 from storage.reader import DeviceRow, EventItem, QuarantineItem, TelemetryItem
-from storage.records import DeviceStateRecord
+from storage.records import AlertRecord, DeviceStateRecord
 
 DEFAULT_PAGE: Final = 100
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -293,6 +294,60 @@ class DeviceEventPage(BaseModel):
     """A device's connection history, newest first; ``next_cursor`` is null on the last page."""
 
     items: list[DeviceEventOut]
+    next_cursor: str | None
+
+
+# -- alerts -------------------------------------------------------------------------------------
+
+
+class AlertQuery(PageQuery):
+    state: AlertState | None = None
+    device_id: DeviceId | None = None
+    rule: AlertRule | None = None
+
+
+class Alert(BaseModel):
+    """An alert: at most one per device and rule is not cleared at a time."""
+
+    #: A ULID: sortable by when the alert was raised.
+    alert_id: str
+    device_id: str
+    rule: AlertRule
+    #: ``open`` → ``acknowledged`` (an operator) → ``cleared`` (the rule; also from ``open``).
+    state: AlertState
+    severity: Severity
+    detail: str
+    #: Occurrences while not cleared (denials, stale readings, quarantined messages, gaps opened).
+    count: int
+    raised_at: Timestamp
+    last_seen_at: Timestamp
+    acked_at: Timestamp | None
+    #: The id of the API key that acknowledged it.
+    acked_by: str | None
+    cleared_at: Timestamp | None
+
+    @classmethod
+    def from_record(cls, r: AlertRecord) -> Self:
+        return cls(
+            alert_id=r.alert_id,
+            device_id=r.device_id,
+            rule=AlertRule(r.rule),
+            state=AlertState(r.state),
+            severity=Severity(r.severity),
+            detail=r.detail,
+            count=r.count,
+            raised_at=epoch_to_ts(r.raised_at),
+            last_seen_at=epoch_to_ts(r.last_seen_at),
+            acked_at=None if r.acked_at is None else epoch_to_ts(r.acked_at),
+            acked_by=r.acked_by,
+            cleared_at=None if r.cleared_at is None else epoch_to_ts(r.cleared_at),
+        )
+
+
+class AlertPage(BaseModel):
+    """Alerts, newest (last raised) first; ``next_cursor`` is null on the last page."""
+
+    items: list[Alert]
     next_cursor: str | None
 
 
