@@ -157,6 +157,8 @@ class DeviceActor:
         self._online = connected
         self._connected_since = link.at if connected else None
         self._last_seen = max(self._last_seen or 0.0, link.at)
+        if link.will is not None:
+            self._events.append(DeviceEvent(link.at, "will_published", link.will))
         self._events.append(DeviceEvent(link.at, link.event.value, link.detail))
         if self._alerts is not None and (connected or link.detail in OFFLINE_REASONS):
             rule = AlertRule.DEVICE_OFFLINE

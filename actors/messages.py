@@ -61,6 +61,8 @@ class Link:
     at: float
     #: Why (see :class:`storage.records.DeviceEvent`).
     detail: str = ""
+    #: For a disconnect whose will the broker published: ``topic: payload``.
+    will: str | None = None
 
 
 type DeviceMessage = Publish | Link

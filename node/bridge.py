@@ -75,7 +75,16 @@ class Bridge:
         self.stats.connections -= 1
         if session.username:
             reason = getattr(session, DISCONNECT_REASON, None) or "connection_lost"
-            await self.router.deliver(Link(session.username, LinkEvent.DISCONNECTED, time.time(), reason))
+            will = None
+            if reason not in ("clean", "node_stopping") and session.will_flag and session.will_topic:
+                # amqtt's _handle_disconnect, the only path that fires this hook, has just
+                # published (and, if asked, retained) the will: keep that in the history.
+                payload = bytes(session.will_message or b"")[:100].decode("utf-8", "replace")
+                retained = " (retained)" if session.will_retain else ""
+                will = f"{session.will_topic}{retained}: {payload}"
+            await self.router.deliver(
+                Link(session.username, LinkEvent.DISCONNECTED, time.time(), reason, will=will)
+            )
 
     async def node_stopping(self) -> None:
         """Record a disconnect for every connected device before the broker closes them

@@ -277,12 +277,12 @@ class QuarantinePage(BaseModel):
 class DeviceEventOut(BaseModel):
     id: int
     at: Timestamp
-    #: ``connected`` or ``disconnected``.
-    event: Literal["connected", "disconnected"]
+    #: ``connected``, ``disconnected``, or ``will_published`` (just before its disconnect).
+    event: Literal["connected", "disconnected", "will_published"]
     #: For a connect, the peer address; for a disconnect why: ``clean`` (DISCONNECT packet),
     #: ``connection_lost`` (socket closed without one), ``keepalive_expired``, ``revoked``,
     #: ``closed_by_node``, ``node_stopping``, ``node_restart`` (the node stopped without
-    #: recording it: a crash or a kill).
+    #: recording it: a crash or a kill); for ``will_published`` the will's topic and payload.
     detail: str
 
     @classmethod

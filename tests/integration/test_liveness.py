@@ -60,8 +60,9 @@ async def test_silent_device_is_closed_after_one_and_a_half_keepalives(node: Run
         while not await offline():
             await anyio.sleep(0.05)
     history = await events(node, "sleepy-1")
-    assert [e for e, _ in history] == ["connected", "disconnected"]
-    assert history[1][1] == "keepalive_expired"
+    assert [e for e, _ in history] == ["connected", "will_published", "disconnected"]
+    assert history[1][1] == "iot/sleepy-1/status (retained): offline"
+    assert history[2][1] == "keepalive_expired"
     device = await node.get("/api/v1/devices/sleepy-1")
     assert device["state"]["connected_since"] is None
 
@@ -107,7 +108,8 @@ async def test_abrupt_close_and_connected_since(node: RunningNode) -> None:
     with anyio.fail_after(10):
         while len(await events(node, "cut-1")) < 2:
             await anyio.sleep(0.05)
-    assert (await events(node, "cut-1"))[1] == ("disconnected", "connection_lost")
+    # No will was set, so none was published.
+    assert (await events(node, "cut-1"))[1:] == [("disconnected", "connection_lost")]
 
 
 async def test_a_will_on_another_devices_topic_is_refused(node: RunningNode) -> None:
