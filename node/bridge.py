@@ -82,9 +82,7 @@ class Bridge:
                 payload = bytes(session.will_message or b"")[:100].decode("utf-8", "replace")
                 retained = " (retained)" if session.will_retain else ""
                 will = f"{session.will_topic}{retained}: {payload}"
-            await self.router.deliver(
-                Link(session.username, LinkEvent.DISCONNECTED, time.time(), reason, will=will)
-            )
+            await self.router.deliver(Link(session.username, LinkEvent.DISCONNECTED, time.time(), reason, will=will))
 
     async def node_stopping(self) -> None:
         """Record a disconnect for every connected device before the broker closes them
