@@ -75,6 +75,9 @@ class AlertRule(enum.StrEnum):
     STALE_BOOT = "stale_boot"
     ACL_DENIAL = "acl_denial"
     QUARANTINE_BURST = "quarantine_burst"
+    #: The device's actor crashed past its restart limit; its messages are refused until the
+    #: node restarts (which clears this alert).
+    DEVICE_PARKED = "device_parked"
 
 
 class AlertState(enum.StrEnum):
@@ -96,6 +99,7 @@ SEVERITY: Final[dict[AlertRule, Severity]] = {
     AlertRule.STALE_BOOT: Severity.CRITICAL,
     AlertRule.ACL_DENIAL: Severity.CRITICAL,
     AlertRule.QUARANTINE_BURST: Severity.WARNING,
+    AlertRule.DEVICE_PARKED: Severity.CRITICAL,
 }
 
 #: Disconnect reasons that mean the link died. ``clean`` (the device said goodbye), ``revoked``,
@@ -261,6 +265,8 @@ class AlertActor:
                     self._set_timer(key, now + quiet)
             case AlertRule.QUARANTINE_BURST:
                 self._quarantined(key, s, now)
+            case AlertRule.DEVICE_PARKED:
+                self._occurred(key, s.detail, s.at, 1)
 
     def _quarantined(self, key: _Key, s: AlertSignal, now: float) -> None:
         cfg = self._config
@@ -357,7 +363,8 @@ class AlertActor:
             alert = _Alert(r.alert_id, r.device_id, rule, r.detail, r.count, r.raised_at, r.last_seen_at)
             self._open[key] = alert
             self._bump(self._stats.open, rule, 1)
-            if rule in self._config.disabled:
+            if rule in self._config.disabled or rule is AlertRule.DEVICE_PARKED:
+                # Parking lasts as long as the process that parked: a restart unparks.
                 self._clear(key, wall)
                 continue
             # A quiet period that began before a restart still ends when it would have.

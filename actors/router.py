@@ -11,13 +11,14 @@ while every other device goes on.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from actors.alerts import AlertSink
+from actors.alerts import AlertRule, AlertSignal, AlertSink
 from actors.device import DeviceActor, DeviceActorConfig
 from actors.mailbox import Mailbox
 from actors.messages import DeviceMessage, Outcome, Publish
@@ -143,10 +144,15 @@ class Router:
                 self._config.restart,
                 on_restart=self._on_restart,
             )
-        except RestartIntensityExceeded:
+        except RestartIntensityExceeded as exc:
             log.exception("device %s parked after too many crashes", device_id)
             self.parked.add(device_id)
             self._stats.devices_parked += 1
+            if self._alerts is not None:
+                detail = f"{exc.restarts} crashes within {exc.period:g} s; last: {exc.last!r}"[:300]
+                self._alerts(
+                    AlertSignal(device_id, AlertRule.DEVICE_PARKED, raised=True, detail=detail, at=time.time())
+                )
             for msg in slot.mailbox.drain_nowait(1 << 30):
                 if isinstance(msg, Publish) and msg.done is not None:
                     msg.done.resolve(Outcome.FAILED)

@@ -45,6 +45,7 @@ class RestartIntensityExceeded(Exception):  # noqa: N818 - the OTP name says wha
         super().__init__(f"{name} crashed {restarts} times within {period:g} s; last error: {last!r}")
         self.name = name
         self.restarts = restarts
+        self.period = period
         self.last = last
 
 

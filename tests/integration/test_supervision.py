@@ -139,6 +139,16 @@ async def test_device_past_its_restart_limit_is_parked_not_the_node(tmp_path: Pa
         assert await metric(node, "depot_node_actor_restarts_total") == 5
         async with node.http() as client:
             assert (await client.get("/healthz")).status_code == 200
+
+        async def parked_alert() -> list[dict[str, str]]:
+            page = await node.get("/api/v1/alerts", rule="device_parked")
+            return list(page["items"])
+
+        with anyio.fail_after(10):
+            while not await parked_alert():
+                await anyio.sleep(0.05)
+        (alert,) = await parked_alert()
+        assert (alert["device_id"], alert["state"], alert["severity"]) == ("doomed", "open", "critical")
         await stop_node(node)
 
 

@@ -176,7 +176,7 @@ async def test_ack_needs_the_operator_role(client: Client, viewer: Headers, aler
 
 async def test_metrics(client: Client, services: WebServices) -> None:
     before = await scrape(client)
-    rules = ("acl_denial", "device_offline", "quarantine_burst", "sequence_gap", "stale_boot")
+    rules = ("acl_denial", "device_offline", "device_parked", "quarantine_burst", "sequence_gap", "stale_boot")
     assert before["depot_node_alerts_open"] == {(("rule", r),): 0 for r in rules}
     assert before["depot_node_alerts_raised_total"] == {(("rule", r),): 0 for r in rules}
     assert before["depot_node_alert_signals_dropped_total"] == {(): 0}
