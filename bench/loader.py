@@ -332,8 +332,9 @@ async def stdin_reader() -> asyncio.StreamReader:
     return reader
 
 
-async def expect_line(reader: asyncio.StreamReader, word: str, timeout: float) -> None:
-    line = await asyncio.wait_for(reader.readline(), timeout)
+async def expect_line(reader: asyncio.StreamReader, word: str, within: float) -> None:
+    async with asyncio.timeout(within):
+        line = await reader.readline()
     if line.strip() != word.encode():
         raise LoadError(f"expected {word!r} from the parent, got {line!r}")
 

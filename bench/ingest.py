@@ -1,0 +1,997 @@
+"""Ingest benchmark: N devices publishing QoS 1 telemetry to depot-node over real TCP.
+
+Run from the repository root:
+
+    uv run python bench/ingest.py                 # defaults: 200 devices, see --help
+    uv run python bench/ingest.py --quick         # smoke run (20 devices, 3 s latency phase)
+
+Three processes besides this one: the node (``python -m node serve`` on a fresh data dir,
+default ``sqlite_synchronous = FULL``), the load generator (``bench/loader.py``: raw asyncio
+sockets, pre-encoded packets, one connection per device, an in-flight window per
+connection), and, for the baseline, a bare amqtt broker (``bench/bare_amqtt.py``) whose only
+plugin counts what its ``broker_message_received`` hook receives.
+
+Phases:
+
+1. saturation: every device sends ``--messages`` as fast as its window allows. Durable
+   throughput = messages acknowledged / (last PUBACK - first PUBLISH). The node PUBACKs only
+   after the SQLite commit, so the last PUBACK is no earlier than the last commit. Then every
+   device's ``counters.stored`` is read back through the HTTP API and must equal what was sent.
+   Node CPU seconds (user + system, all threads) per 1,000 durable messages and its RSS.
+2. latency: ``--rate`` messages per second offered in total, spread evenly over the devices,
+   for ``--latency-seconds``; p50 / p99 / max of PUBLISH → PUBACK, measured from each
+   message's scheduled send time.
+3. bare amqtt: the load of phase 1 against the bare broker. Its PUBACKs go out before its hook
+   runs, so the publishers keep their sessions open until the hook's count has settled (no
+   change for ``--settle-seconds``, or every message counted); hook throughput = count /
+   (time of the last counted message - first PUBLISH).
+
+Targets (printed as PASS/FAIL; the exit code is 0 either way): node durable msg/s ≥ bare
+amqtt hook msg/s, and p99 ≤ 100 ms at 1,000 msg/s. The exit code is 1 when something broke:
+the node lost or did not acknowledge a message, a phase timed out, a process failed.
+
+On a shared machine compare the ratios within one run, not absolute figures across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import queue
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any, Final
+
+import httpx
+import psutil
+
+REPO: Final = Path(__file__).resolve().parent.parent
+NODE_PACKAGES: Final = ("node", "actors", "storage", "web")
+P99_TARGET_MS: Final = 100.0
+RATIO_TARGET: Final = 1.0
+MIB: Final = 1024 * 1024
+#: Above this many cores used by other processes during a phase, its figures are flagged.
+NOISY_CORES: Final = 0.25
+WRITER_METRICS: Final = {
+    "depot_node_commits_total": "commits",
+    "depot_node_committed_messages_total": "messages",
+    "depot_node_commit_seconds_total": "seconds",
+}
+
+# Every child is started through this: it asks the kernel to SIGTERM the child when this
+# process dies (PR_SET_PDEATHSIG), then execs the real command in the same pid. So nothing we
+# start can outlive us, even when we are killed with SIGKILL.
+_DIE_WITH_PARENT: Final = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+if os.getppid() != int(os.environ["BENCH_PARENT_PID"]):
+    sys.exit(70)
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+class BenchError(Exception):
+    """Something broke: the run's figures cannot be trusted."""
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+class Child:
+    """A child process (our Python with ``args``), its stdout read line by line in a thread."""
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        env: dict[str, str],
+        log: Path,
+        stdout_lines: bool,
+        cwd: Path = REPO,
+    ) -> None:
+        self.name = name
+        self.log_path = log
+        self._log: IO[bytes] = log.open("wb")
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _DIE_WITH_PARENT, *args],
+            cwd=cwd,
+            env={**env, "BENCH_PARENT_PID": str(os.getpid())},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE if stdout_lines else self._log,
+            stderr=self._log,
+        )
+        if stdout_lines:
+            threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put(raw.decode(errors="replace").rstrip("\n"))
+        self.lines.put(None)
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        """The next ``{"event": event, ...}`` line; BenchError on an error event, exit or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.name}: no {event!r} within {timeout:.0f} s")
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise BenchError(f"{self.name} exited (code {self.proc.wait(5)}) before {event!r}{self.tail()}")
+            try:
+                msg: dict[str, Any] = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"  [{self.name}] {line}")
+                continue
+            if msg.get("event") == "error":
+                raise BenchError(f"{self.name}: {msg.get('error')}{self.tail()}")
+            if msg.get("event") == event:
+                return msg
+
+    def tail(self, lines: int = 20) -> str:
+        self._log.flush()
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return ("\n  " + "\n  ".join(text)) if text else ""
+
+    def stop(self, *, graceful: float = 30.0) -> int | None:
+        """SIGTERM, wait up to *graceful* seconds, then SIGKILL. Returns the exit code."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if self.proc.stdin is not None:
+                    self.proc.stdin.close()
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                self.proc.wait(graceful)
+            except subprocess.TimeoutExpired:
+                print(f"  {self.name} did not stop within {graceful:.0f} s: killing it")
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def children() -> Iterator[list[Child]]:
+    """Every child started into the list is stopped on the way out, whatever happened."""
+    started: list[Child] = []
+    try:
+        yield started
+    finally:
+        for child in reversed(started):
+            child.stop(graceful=15.0)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
+    """(user, system) CPU seconds of *proc*, all its threads."""
+    t = proc.cpu_times()
+    return float(t.user), float(t.system)
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all cores; idle and iowait excluded)."""
+    t = psutil.cpu_times()
+    return float(sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal")))
+
+
+def peak_rss(pid: int) -> int | None:
+    """VmHWM (peak resident set) from /proc, in bytes; None where there is no /proc."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------- figures
+
+
+@dataclass
+class LoadResult:
+    """What the loader reported for one phase, plus what we measured around it."""
+
+    expected: int
+    sent: int
+    acked: int
+    first_send: float
+    last_send: float
+    last_ack: float
+    wall_s: float
+    loader_cpu_s: float
+    timed_out: bool
+    error: str | None
+    stalled: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    target_user_s: float = 0.0
+    target_sys_s: float = 0.0
+    connect_s: float = 0.0
+    probe: dict[str, float] = field(default_factory=dict)
+    #: CPU the rest of the machine used meanwhile (other processes, kernel threads), in cores.
+    other_cores: float = 0.0
+
+    @classmethod
+    def from_event(cls, msg: dict[str, Any], *, connect_s: float) -> LoadResult:
+        fields = {k: msg[k] for k in cls.__dataclass_fields__ if k in msg}
+        return cls(**fields, connect_s=connect_s)
+
+    @property
+    def target_cpu_s(self) -> float:
+        return self.target_user_s + self.target_sys_s
+
+    @property
+    def ack_span_s(self) -> float:
+        return max(self.last_ack - self.first_send, 1e-9)
+
+    @property
+    def send_span_s(self) -> float:
+        return max(self.last_send - self.first_send, 1e-9)
+
+
+@dataclass
+class Round:
+    """One round of the throughput comparison: the same load against the node and bare amqtt."""
+
+    round: int
+    node_msg_s: float = math.nan
+    node_cpu_s_per_1000: float = math.nan
+    node_p50_ms: float = math.nan
+    node_p99_ms: float = math.nan
+    node_other_cores: float = math.nan
+    node_msgs_per_commit: float = math.nan
+    node_ms_per_commit: float = math.nan
+    bare_hook_msg_s: float = math.nan
+    bare_puback_msg_s: float = math.nan
+    bare_count: int = 0
+    bare_sent: int = 0
+    bare_settled: bool = False
+    bare_cpu_s_per_1000: float = math.nan
+    bare_other_cores: float = math.nan
+
+    @property
+    def ratio(self) -> float:
+        return self.node_msg_s / self.bare_hook_msg_s if self.bare_hook_msg_s else math.nan
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    rounds: list[Round] = field(default_factory=list)
+    # Medians over the rounds.
+    node_durable_msg_s: float = math.nan
+    bare_hook_msg_s: float = math.nan
+    ratio: float = math.nan
+    node_cpu_s_per_1000: float = math.nan
+    bare_cpu_s_per_1000: float = math.nan
+    # Totals over every node phase.
+    node_sent: int = 0
+    node_acked: int = 0
+    node_stored: int = 0
+    node_rss_start_mib: float = math.nan
+    node_rss_mib: float = math.nan
+    node_peak_rss_mib: float | None = None
+    latency_rate_offered: float = math.nan
+    latency_rate_achieved: float = math.nan
+    latency_p50_ms: float = math.nan
+    latency_p90_ms: float = math.nan
+    latency_p99_ms: float = math.nan
+    latency_max_ms: float = math.nan
+    latency_stalled: int = 0
+    latency_cpu_s_per_1000: float = math.nan
+    latency_other_cores: float = math.nan
+    loader: dict[str, dict[str, float]] = field(default_factory=dict)
+    other_cores: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        for rnd, raw in zip(self.rounds, doc["rounds"], strict=True):
+            raw["ratio"] = rnd.ratio
+        return doc
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def git(*args: str) -> str:
+    """Output of a git command in the repository ("" when git fails)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return ""
+
+
+def node_source(rev: str | None, tmp: Path) -> tuple[Path, str]:
+    """Where the node under test is run from, and what it is: the working tree as it is, or
+    *rev* exported from git into *tmp* (so that edits made meanwhile do not change the run)."""
+    if rev is None:
+        head = git("rev-parse", "--short", "HEAD") or "?"
+        dirty = " + uncommitted changes" if git("status", "--porcelain", "--", *NODE_PACKAGES) else ""
+        return REPO, f"working tree at {head}{dirty}"
+    commit = git("rev-parse", "--short", "--verify", f"{rev}^{{commit}}")
+    if not commit:
+        raise BenchError(f"--rev {rev!r} is not a commit of {REPO}")
+    archive = subprocess.run(["git", "archive", commit], cwd=REPO, capture_output=True, timeout=120, check=False)
+    if archive.returncode != 0:
+        raise BenchError(f"git archive {commit} failed: {archive.stderr.decode(errors='replace').strip()}")
+    dest = tmp / f"src-{commit}"
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest, f"commit {commit}"
+
+
+def machine_info(data_dir: Path) -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    fs = "?"
+    best = ""
+    for part in psutil.disk_partitions(all=True):
+        if str(data_dir).startswith(part.mountpoint) and len(part.mountpoint) > len(best):
+            best, fs = part.mountpoint, part.fstype
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": model or platform.processor() or "?",
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "amqtt": importlib.metadata.version("amqtt"),
+        "data_dir_fs": fs,
+    }
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class NodeHandle:
+    child: Child
+    proc: psutil.Process
+    mqtt_port: int
+    client: httpx.Client
+    #: What every device should have stored so far (checked against counters.stored).
+    expected: dict[str, int]
+    seq_next: int = 0
+
+
+@dataclass
+class BareHandle:
+    child: Child
+    proc: psutil.Process
+    port: int
+    control: int
+
+
+class Bench:
+    def __init__(self, opts: argparse.Namespace, tmp: Path, kids: list[Child]) -> None:
+        self.opts = opts
+        self.tmp = tmp
+        self.kids = kids
+        self.report = Report()
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DEPOT_NODE_")}
+        base["PYTHONUNBUFFERED"] = "1"
+        self.env = base
+        self.devices: list[tuple[str, str]] = []
+        self.node_src = REPO
+
+    # ---- helpers
+
+    def spawn(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        lines: bool = False,
+        cwd: Path = REPO,
+    ) -> Child:
+        child = Child(name, args, env=env or self.env, log=self.tmp / f"{name}.log", stdout_lines=lines, cwd=cwd)
+        self.kids.append(child)
+        return child
+
+    def retire(self, child: Child, *, graceful: float) -> int | None:
+        code = child.stop(graceful=graceful)
+        self.kids.remove(child)
+        return code
+
+    def run_load(
+        self,
+        name: str,
+        port: int,
+        target: psutil.Process,
+        spec: dict[str, Any],
+        *,
+        settle: Callable[[LoadResult], None] | None = None,
+        probe: Callable[[], dict[str, float]] | None = None,
+    ) -> LoadResult:
+        """Run one loader phase against *port*; *target*'s CPU is measured from go to done
+        (or, with *settle*, until it returns, while the connections are still held open), and
+        so is the difference of what *probe* returns."""
+        o = self.opts
+        full = {
+            "host": "127.0.0.1",
+            "port": port,
+            "devices": self.devices,
+            "window": o.window,
+            "phase_timeout": o.phase_timeout,
+            "hold": settle is not None,
+            "hold_timeout": o.settle_timeout + 60,
+            **spec,
+        }
+        path = self.tmp / f"spec-{name}.json"
+        path.write_text(json.dumps(full))
+        loader = self.spawn(f"loader-{name}", ["-m", "bench.loader", str(path)], lines=True)
+        ready = loader.expect("ready", timeout=300)
+        before = probe() if probe is not None else {}
+        watch = [psutil.Process(loader.pid), psutil.Process()]  # the loader and this process
+        sys0, mine0, wall0 = machine_busy(), sum(sum(cpu_seconds(p)) for p in watch), time.monotonic()
+        cpu0 = cpu_seconds(target)
+        loader.send("go")
+        result = LoadResult.from_event(
+            loader.expect("done", timeout=o.phase_timeout + 60), connect_s=ready["connect_s"]
+        )
+        if settle is not None:
+            settle(result)
+            loader.send("release")
+        cpu1 = cpu_seconds(target)
+        sys1, mine1, wall1 = machine_busy(), sum(sum(cpu_seconds(p)) for p in watch), time.monotonic()
+        result.target_user_s, result.target_sys_s = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+        others = (sys1 - sys0) - result.target_cpu_s - (mine1 - mine0)
+        result.other_cores = max(others, 0.0) / max(wall1 - wall0, 1e-9)
+        if probe is not None:
+            after = probe()
+            result.probe = {k: after[k] - before.get(k, 0.0) for k in after}
+        loader.expect("closed", timeout=60)
+        code = loader.proc.wait(60)
+        self.kids.remove(loader)
+        loader.stop()
+        if code != 0:
+            raise BenchError(f"loader-{name} exited with {code}{loader.tail()}")
+        if result.error:
+            raise BenchError(f"phase {name}: {result.error}")
+        if result.timed_out:
+            raise BenchError(
+                f"phase {name}: timed out after {o.phase_timeout:.0f} s ({result.acked} of {result.expected} acked)"
+            )
+        self.report.loader[name] = {
+            "cpu_s": round(result.loader_cpu_s, 3),
+            "wall_s": round(result.wall_s, 3),
+            "core_share": round(result.loader_cpu_s / max(result.wall_s, 1e-9), 3),
+        }
+        self.report.other_cores[name] = round(result.other_cores, 2)
+        return result
+
+    @staticmethod
+    def phase_footer(res: LoadResult, what: str) -> None:
+        print(
+            f"  {what} CPU {res.target_cpu_s:.2f} s (user {res.target_user_s:.2f}, sys {res.target_sys_s:.2f});"
+            f" loader CPU {res.loader_cpu_s:.2f} s over {res.wall_s:.2f} s;"
+            f" rest of the machine {res.other_cores:.2f} cores"
+        )
+        if res.other_cores > NOISY_CORES:
+            print(f"  note: other processes used {res.other_cores:.2f} cores meanwhile: these figures are disturbed")
+
+    # ---- the node
+
+    def start_node(self) -> NodeHandle:
+        o = self.opts
+        data = self.tmp / "node-data"
+        data.mkdir()
+        out = subprocess.run(
+            [sys.executable, "-m", "node", "keys", "create", "--role", "admin", "--data-dir", str(data)],
+            cwd=self.node_src,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise BenchError(f"keys create failed: {out.stderr.strip()}")
+        key = out.stdout.strip().splitlines()[-1]
+        mqtt_port, http_port = free_port(), free_port()
+        env = {**self.env, "DEPOT_NODE_LOG_LEVEL": "warning", "DEPOT_NODE_SQLITE_SYNCHRONOUS": o.sync}
+        child = self.spawn(
+            "node",
+            [
+                "-m",
+                "node",
+                "serve",
+                "--data-dir",
+                str(data),
+                "--mqtt-bind",
+                f"127.0.0.1:{mqtt_port}",
+                "--http-bind",
+                f"127.0.0.1:{http_port}",
+            ],
+            env=env,
+            cwd=self.node_src,
+        )
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 60
+        while True:
+            if child.proc.poll() is not None:
+                raise BenchError(f"node exited with {child.proc.returncode}{child.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise BenchError(f"node not ready within 60 s{child.tail()}")
+            time.sleep(0.1)
+        client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        node = NodeHandle(child, psutil.Process(child.pid), mqtt_port, client, {})
+        self.report.node_rss_start_mib = node.proc.memory_info().rss / MIB
+        t0 = time.monotonic()
+        for i in range(o.devices):
+            device_id = f"bench-{i:05d}"
+            resp = client.post("/api/v1/devices", json={"device_id": device_id, "type": "dc_meter"})
+            if resp.status_code != 201:
+                raise BenchError(f"registering {device_id}: {resp.status_code} {resp.text[:200]}")
+            self.devices.append((device_id, resp.json()["secret"]))
+            node.expected[device_id] = 0
+        print(f"  registered {len(self.devices)} devices in {time.monotonic() - t0:.1f} s")
+        return node
+
+    @staticmethod
+    def writer_metrics(client: httpx.Client) -> dict[str, float]:
+        """The storage writer's counters from ``/metrics`` (commits, messages, seconds)."""
+        resp = client.get("/metrics")
+        if resp.status_code != 200:
+            raise BenchError(f"GET /metrics: {resp.status_code}")
+        out: dict[str, float] = {}
+        for line in resp.text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in WRITER_METRICS:
+                out[WRITER_METRICS[name]] = float(value)
+        return out
+
+    @staticmethod
+    def writer_figures(res: LoadResult) -> tuple[float, float]:
+        """(PUBLISHes per commit, ms per commit) of a phase; NaN without /metrics figures."""
+        commits = res.probe.get("commits", 0.0)
+        if not commits:
+            return math.nan, math.nan
+        return res.probe.get("messages", 0.0) / commits, res.probe.get("seconds", 0.0) / commits * 1000
+
+    def writer_line(self, res: LoadResult) -> str:
+        per, ms = self.writer_figures(res)
+        busy = res.probe.get("seconds", 0.0) / max(res.wall_s, 1e-9)
+        return (
+            f"  storage writer: {res.probe.get('commits', 0):,.0f} commits, {per:.1f} PUBLISHes per commit,"
+            f" {ms:.2f} ms per commit, busy {busy:.0%} of the phase"
+        )
+
+    def check_stored(self, node: NodeHandle) -> int:
+        """Sum of counters.stored over the devices; notes every device that is not as expected."""
+        deadline = time.monotonic() + 10
+        while True:
+            got: dict[str, int] = {}
+            for device_id in node.expected:
+                resp = node.client.get(f"/api/v1/devices/{device_id}")
+                if resp.status_code != 200:
+                    raise BenchError(f"GET device {device_id}: {resp.status_code} {resp.text[:200]}")
+                got[device_id] = int(resp.json()["counters"]["stored"])
+            wrong = {d: (got[d], n) for d, n in node.expected.items() if got[d] != n}
+            if not wrong or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        for d, (g, n) in list(wrong.items())[:10]:
+            self.report.problems.append(f"{d}: stored {g}, sent {n}")
+        if len(wrong) > 10:
+            self.report.problems.append(f"... and {len(wrong) - 10} more devices with stored != sent")
+        return sum(got.values())
+
+    def account(self, node: NodeHandle, res: LoadResult, what: str) -> int:
+        """Add a phase's messages to the expected counts (the loader sends message k of a
+        phase from device k % N) and check them against the node's counters."""
+        n = len(self.devices)
+        for i, (d, _) in enumerate(self.devices):
+            node.expected[d] += len(range(i, res.expected, n))
+        node.seq_next += -(-res.expected // n)
+        r = self.report
+        r.node_sent += res.sent
+        r.node_acked += res.acked
+        stored = self.check_stored(node)
+        r.node_stored = stored
+        total = sum(node.expected.values())
+        if res.acked != res.sent or stored != total:
+            r.problems.append(f"{what}: sent {res.sent}, acked {res.acked}; stored {stored} of {total} so far")
+        return stored
+
+    def node_saturate(self, node: NodeHandle, rnd: Round) -> None:
+        o, r = self.opts, self.report
+        print(f"round {rnd.round}, node: saturation, {o.devices} devices x {o.messages} messages, window {o.window}")
+        res = self.run_load(
+            f"node-{rnd.round}",
+            node.mqtt_port,
+            node.proc,
+            {"mode": "saturate", "messages": o.messages, "seq_start": node.seq_next},
+            probe=lambda: self.writer_metrics(node.client),
+        )
+        if math.isnan(r.node_rss_mib):
+            r.node_rss_mib = node.proc.memory_info().rss / MIB
+        stored = self.account(node, res, f"node round {rnd.round}")
+        rnd.node_msg_s = res.acked / res.ack_span_s
+        rnd.node_cpu_s_per_1000 = res.target_cpu_s / max(res.acked, 1) * 1000
+        rnd.node_p50_ms, rnd.node_p99_ms = res.p50_ms, res.p99_ms
+        rnd.node_other_cores = res.other_cores
+        rnd.node_msgs_per_commit, rnd.node_ms_per_commit = self.writer_figures(res)
+        print(
+            f"  connect {res.connect_s:.1f} s; acked {res.acked}/{res.sent} in {res.ack_span_s:.2f} s"
+            f" -> {rnd.node_msg_s:,.0f} durable msg/s; stored (API, all phases so far) {stored}"
+        )
+        print(
+            f"  publish->PUBACK under saturation: p50 {res.p50_ms:.1f} ms, p99 {res.p99_ms:.1f} ms,"
+            f" max {res.max_ms:.1f} ms; node CPU {rnd.node_cpu_s_per_1000:.3f} s per 1,000 msgs"
+        )
+        print(self.writer_line(res))
+        self.phase_footer(res, "node")
+
+    def node_latency(self, node: NodeHandle) -> None:
+        o, r = self.opts, self.report
+        print(f"latency, node: {o.rate:,.0f} msg/s offered for {o.latency_seconds:g} s over {o.devices} devices")
+        res = self.run_load(
+            "latency",
+            node.mqtt_port,
+            node.proc,
+            {"mode": "paced", "rate": o.rate, "duration": o.latency_seconds, "seq_start": node.seq_next},
+            probe=lambda: self.writer_metrics(node.client),
+        )
+        stored = self.account(node, res, "latency phase")
+        r.latency_rate_offered = o.rate
+        r.latency_rate_achieved = res.sent / res.send_span_s if res.sent > 1 else math.nan
+        r.latency_p50_ms, r.latency_p90_ms, r.latency_p99_ms = res.p50_ms, res.p90_ms, res.p99_ms
+        r.latency_max_ms = res.max_ms
+        r.latency_stalled = res.stalled
+        r.latency_cpu_s_per_1000 = res.target_cpu_s / max(res.acked, 1) * 1000
+        r.latency_other_cores = res.other_cores
+        print(
+            f"  sent {res.sent} at {r.latency_rate_achieved:,.0f} msg/s; acked {res.acked};"
+            f" stored (API, all phases) {stored}"
+        )
+        print(
+            f"  publish->PUBACK: p50 {res.p50_ms:.1f} ms, p90 {res.p90_ms:.1f} ms, p99 {res.p99_ms:.1f} ms,"
+            f" max {res.max_ms:.1f} ms ({res.stalled} PUBLISHes written more than 1 ms after they were due);"
+            f" node CPU {r.latency_cpu_s_per_1000:.3f} s per 1,000 msgs"
+        )
+        print(self.writer_line(res))
+        self.phase_footer(res, "node")
+
+    def stop_node(self, node: NodeHandle) -> None:
+        hwm = peak_rss(node.child.pid)
+        self.report.node_peak_rss_mib = hwm / MIB if hwm is not None else None
+        node.client.close()
+        code = self.retire(node.child, graceful=30)
+        if code not in (0, -signal.SIGTERM):
+            self.report.problems.append(f"node exited with {code} on SIGTERM")
+
+    # ---- bare amqtt
+
+    def start_bare(self) -> BareHandle:
+        o = self.opts
+        port, control = free_port(), free_port()
+        if not self.devices:  # --no-node: the bare broker takes any password
+            self.devices = [(f"bench-{i:05d}", "anonymous") for i in range(o.devices)]
+        budget = (o.phase_timeout + o.settle_timeout + 120) * o.rounds + o.phase_timeout + 600
+        args = ["-m", "bench.bare_amqtt", "--port", str(port), "--control-port", str(control)]
+        child = self.spawn("bare-amqtt", [*args, "--max-seconds", str(budget)])
+        deadline = time.monotonic() + 60
+        while True:
+            if child.proc.poll() is not None:
+                raise BenchError(f"bare amqtt exited with {child.proc.returncode}{child.tail()}")
+            try:
+                counts = self.bare_counts(control)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"bare amqtt not up within 60 s{child.tail()}") from None
+                time.sleep(0.1)
+        return BareHandle(child, psutil.Process(counts["pid"]), port, control)
+
+    @staticmethod
+    def bare_counts(control: int) -> dict[str, Any]:
+        with socket.create_connection(("127.0.0.1", control), timeout=5) as s:
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        counts: dict[str, Any] = json.loads(data)
+        return counts
+
+    def bare_saturate(self, bare: BareHandle, rnd: Round) -> None:
+        o = self.opts
+        print(f"round {rnd.round}, bare amqtt + counting plugin: the same load")
+        start = self.bare_counts(bare.control)
+        final: dict[str, Any] = {}
+
+        def settle(result: LoadResult) -> None:
+            last_count, last_change = -1, time.monotonic()
+            deadline = time.monotonic() + o.settle_timeout
+            while time.monotonic() < deadline:
+                c = self.bare_counts(bare.control)
+                now = time.monotonic()
+                if c["count"] != last_count:
+                    last_count, last_change = c["count"], now
+                final.update(c)
+                if c["count"] - start["count"] >= result.sent or now - last_change >= o.settle_seconds:
+                    final["settled"] = True
+                    return
+                time.sleep(0.1)
+            final["settled"] = False
+
+        res = self.run_load(
+            f"bare-{rnd.round}",
+            bare.port,
+            bare.proc,
+            {"mode": "saturate", "messages": o.messages, "keepalive": 600},
+            settle=settle,
+        )
+        time.sleep(0.5)
+        after = self.bare_counts(bare.control)  # counted after the disconnects: not in the rate
+        rnd.bare_count = int(final.get("count", 0)) - start["count"]
+        rnd.bare_sent = res.sent
+        rnd.bare_settled = bool(final.get("settled"))
+        span = float(final.get("last", 0.0)) - res.first_send
+        rnd.bare_hook_msg_s = rnd.bare_count / span if rnd.bare_count and span > 0 else 0.0
+        rnd.bare_puback_msg_s = res.acked / res.ack_span_s
+        rnd.bare_cpu_s_per_1000 = res.target_cpu_s / max(rnd.bare_count, 1) * 1000
+        rnd.bare_other_cores = res.other_cores
+        print(
+            f"  connect {res.connect_s:.1f} s; PUBACKs {res.acked}/{res.sent} in {res.ack_span_s:.2f} s"
+            f" -> {rnd.bare_puback_msg_s:,.0f} msg/s (amqtt acknowledges before the hook runs)"
+        )
+        settled = "settled" if rnd.bare_settled else f"NOT settled within {o.settle_timeout:g} s"
+        late = after["count"] - start["count"] - rnd.bare_count
+        print(
+            f"  hook received {rnd.bare_count}/{res.sent} in {span:.2f} s -> {rnd.bare_hook_msg_s:,.0f} msg/s"
+            f" ({settled}; {late} more after the disconnects); broker CPU {rnd.bare_cpu_s_per_1000:.3f} s"
+            " per 1,000 hook msgs"
+        )
+        self.phase_footer(res, "broker")
+        if not rnd.bare_settled:
+            self.report.problems.append(f"bare round {rnd.round}: hook count did not settle")
+
+    # ---- the whole run
+
+    def run(self) -> bool:
+        o, r = self.opts, self.report
+        node = bare = None
+        if not o.no_node:
+            print(f"node: starting (sqlite_synchronous={o.sync}), registering {o.devices} devices")
+            node = self.start_node()
+        if not o.no_bare:
+            bare = self.start_bare()
+        for i in range(1, o.rounds + 1):
+            rnd = Round(i)
+            r.rounds.append(rnd)
+            # Alternate which goes first, so that a drift in the machine's load hits both alike.
+            order = ("node", "bare") if i % 2 else ("bare", "node")
+            for which in order:
+                if which == "node" and node is not None:
+                    self.node_saturate(node, rnd)
+                elif which == "bare" and bare is not None:
+                    self.bare_saturate(bare, rnd)
+            if node is not None and bare is not None:
+                print(f"round {i}: node / bare = {rnd.ratio:.2f}")
+        if bare is not None:
+            self.retire(bare.child, graceful=15)
+        if node is not None:
+            self.node_latency(node)
+            self.stop_node(node)
+        r.node_durable_msg_s = median([x.node_msg_s for x in r.rounds])
+        r.bare_hook_msg_s = median([x.bare_hook_msg_s for x in r.rounds])
+        r.ratio = median([x.ratio for x in r.rounds])
+        r.node_cpu_s_per_1000 = median([x.node_cpu_s_per_1000 for x in r.rounds])
+        r.bare_cpu_s_per_1000 = median([x.bare_cpu_s_per_1000 for x in r.rounds])
+        return self.summary()
+
+    # ---- summary
+
+    def summary(self) -> bool:
+        o, r = self.opts, self.report
+        have_node, have_bare = not o.no_node, not o.no_bare
+
+        def verdict(ok: bool, measured: bool) -> str:
+            return "PASS" if ok else "FAIL" if measured else "n/a"
+
+        def fmt(values: list[float], spec: str) -> str:
+            return ", ".join(format(v, spec) for v in values)
+
+        ratio_v = verdict(r.ratio >= RATIO_TARGET, have_node and have_bare)
+        p99_v = verdict(r.latency_p99_ms <= P99_TARGET_MS, have_node)
+        m = r.machine
+        n = len(r.rounds)
+        print()
+        print("== summary " + "=" * 69)
+        print(f"machine      {m['cores']} cores, {m['cpu']}, Python {m['python']}, amqtt {m['amqtt']}")
+        print(f"             data dir on {m['data_dir_fs']}, {m['date']}; node: {m['node']}")
+        print(
+            f"load         {o.devices} devices, window {o.window}, {o.messages} msgs/device per saturation phase,"
+            f" {n} round{'s' * (n != 1)}; sqlite_synchronous={o.sync}"
+        )
+        medians = "median of the rounds" if n > 1 else "one round"
+        if have_node:
+            print(
+                f"node         durable msg/s      {r.node_durable_msg_s:9,.0f}   ({medians};"
+                f" rounds: {fmt([x.node_msg_s for x in r.rounds], ',.0f')})"
+            )
+        if have_bare:
+            print(
+                f"bare amqtt   hook msg/s         {r.bare_hook_msg_s:9,.0f}   ({medians};"
+                f" rounds: {fmt([x.bare_hook_msg_s for x in r.rounds], ',.0f')})"
+            )
+        if have_node and have_bare:
+            print(
+                f"ratio        node / bare        {r.ratio:9.2f}   (rounds: {fmt([x.ratio for x in r.rounds], '.2f')})"
+                f"   target >= {RATIO_TARGET:.1f}: {ratio_v}"
+            )
+        if have_node:
+            print(
+                f"latency      at {r.latency_rate_offered:,.0f} msg/s offered: p50 {r.latency_p50_ms:.1f} ms,"
+                f" p99 {r.latency_p99_ms:.1f} ms, max {r.latency_max_ms:.1f} ms"
+                f" (achieved {r.latency_rate_achieved:,.0f} msg/s)   target p99 <= {P99_TARGET_MS:.0f} ms: {p99_v}"
+            )
+            print(
+                f"node CPU     {r.node_cpu_s_per_1000:.3f} s per 1,000 durable msgs at saturation,"
+                f" {r.latency_cpu_s_per_1000:.3f} s per 1,000 at {r.latency_rate_offered:,.0f} msg/s"
+            )
+            peak = f", peak {r.node_peak_rss_mib:.1f} MiB" if r.node_peak_rss_mib is not None else ""
+            print(
+                f"node RSS     {r.node_rss_mib:.1f} MiB after the first saturation phase{peak}"
+                f" ({r.node_rss_start_mib:.1f} MiB when it became ready)"
+            )
+            print(f"node stored  {r.node_stored} of {r.node_sent} sent ({r.node_acked} acknowledged), all phases")
+        if have_bare:
+            print(f"bare CPU     {r.bare_cpu_s_per_1000:.3f} s per 1,000 hook msgs")
+        shares = [v["core_share"] for v in r.loader.values()]
+        cpu = sum(v["cpu_s"] for v in r.loader.values())
+        print(
+            f"loader       {cpu:.2f} s CPU in all phases; {min(shares):.0%}-{max(shares):.0%} of one core"
+            " while publishing"
+        )
+        others = ", ".join(f"{name} {v:.2f}" for name, v in r.other_cores.items())
+        print(f"other load   cores used by the rest of the machine, per phase: {others}")
+        if r.problems:
+            print("PROBLEMS")
+            for p in r.problems:
+                print(f"  {p}")
+        print("=" * 80)
+        return not r.problems
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/ingest.py",
+        description="Ingest benchmark of depot-node against a bare amqtt broker (QoS 1 over loopback TCP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--devices", type=int, default=200, help="devices (one MQTT connection each)")
+    parser.add_argument("--messages", type=int, default=250, help="messages per device in each saturation phase")
+    parser.add_argument("--window", type=int, default=10, help="QoS 1 PUBLISHes in flight per connection")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="saturation rounds (node, then bare amqtt; median reported)"
+    )
+    parser.add_argument("--rate", type=float, default=1000.0, help="latency phase: msg/s offered, all devices")
+    parser.add_argument("--latency-seconds", type=float, default=10.0, help="latency phase: how long to offer --rate")
+    parser.add_argument(
+        "--sync", choices=("FULL", "NORMAL"), default="FULL", help="the node's sqlite_synchronous (FULL is its default)"
+    )
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare amqtt baseline")
+    parser.add_argument("--no-node", action="store_true", help="run only the bare amqtt baseline")
+    parser.add_argument("--settle-seconds", type=float, default=2.0, help="bare amqtt: hook count unchanged this long")
+    parser.add_argument("--settle-timeout", type=float, default=180.0, help="bare amqtt: stop waiting for the hook")
+    parser.add_argument("--phase-timeout", type=float, default=300.0, help="a phase's load must finish within this")
+    parser.add_argument(
+        "--rev",
+        metavar="REV",
+        help="run the node from this git revision (exported to the temp dir) instead of the working tree",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write every figure to PATH as JSON")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 20 devices x 20 messages, 1 round, 3 s latency phase (overrides those)",
+    )
+    opts = parser.parse_args(argv)
+    if opts.no_node and opts.no_bare:
+        parser.error("--no-node and --no-bare leave nothing to run")
+    if opts.quick:
+        opts.devices, opts.messages, opts.rounds, opts.latency_seconds = 20, 20, 1, 3.0
+    positive = ("devices", "messages", "window", "rounds", "rate", "latency_seconds")
+    if any(getattr(opts, name) <= 0 for name in positive):
+        parser.error("--devices, --messages, --window, --rounds, --rate and --latency-seconds must be positive")
+    return opts
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)  # also when started with SIGINT ignored (e.g. `cmd &`)
+    tmp = Path(tempfile.mkdtemp(prefix="depot-bench-"))
+    try:
+        with children() as kids:
+            bench = Bench(opts, tmp, kids)
+            bench.report.machine = machine_info(tmp)
+            bench.report.options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}
+            m = bench.report.machine
+            bench.node_src, m["node"] = node_source(opts.rev, tmp) if not opts.no_node else (REPO, "not run")
+            print(
+                f"depot-node ingest benchmark  {m['date']}  {m['cores']} cores {m['cpu']}"
+                f"  Python {m['python']}  amqtt {m['amqtt']}  data on {m['data_dir_fs']}"
+            )
+            print(f"node under test: {m['node']}, run from {bench.node_src}")
+            ok = bench.run()
+            if opts.json is not None:
+                opts.json.write_text(json.dumps(bench.report.to_json(), indent=2) + "\n")
+    except (BenchError, httpx.HTTPError, OSError) as exc:
+        print(f"\nbench/ingest.py: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nbench/ingest.py: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
