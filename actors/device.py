@@ -15,7 +15,6 @@ are not acknowledged, so the device resends them) and propagates to the supervis
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -256,12 +255,10 @@ class DeviceActor:
 
 
 def _row(reading: Reading) -> TelemetryRow:
-    m = reading.measurements.model_dump(exclude_none=True)
-    loc = reading.loc.model_dump() if reading.loc is not None else None
     return TelemetryRow(
         boot=reading.boot,
         seq=reading.seq,
         ts_ms=(reading.ts - _EPOCH) // _MS,
-        m_json=json.dumps(m, separators=(",", ":")),
-        loc_json=json.dumps(loc, separators=(",", ":")) if loc is not None else None,
+        m_json=reading.measurements.model_dump_json(exclude_none=True),
+        loc_json=reading.loc.model_dump_json() if reading.loc is not None else None,
     )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
 
@@ -17,21 +18,37 @@ class Outcome(enum.Enum):
     FAILED = "failed"
 
 
-@dataclass(slots=True)
 class Completion:
-    """Set once, when the message's fate is durable (or definitely not)."""
+    """Set once, when the message's fate is durable (or definitely not).
 
-    _event: anyio.Event = field(default_factory=anyio.Event)
-    outcome: Outcome | None = None
+    Two ways to learn the outcome: pass *notify* (called once with the outcome, from the
+    resolving task; the broker bridge uses a plain asyncio future, the cheapest thing to
+    await on the PUBLISH path), or ``await wait()``, whose event is only created when someone
+    waits.
+    """
+
+    __slots__ = ("_event", "_notify", "outcome")
+
+    def __init__(self, notify: Callable[[Outcome], object] | None = None) -> None:
+        self.outcome: Outcome | None = None
+        self._notify = notify
+        self._event: anyio.Event | None = None
 
     def resolve(self, outcome: Outcome) -> None:
-        if self.outcome is None:
-            self.outcome = outcome
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        if self._notify is not None:
+            self._notify(outcome)
+        if self._event is not None:
             self._event.set()
 
     async def wait(self) -> Outcome:
-        await self._event.wait()
-        assert self.outcome is not None  # noqa: S101 - set together with the event
+        if self.outcome is None:
+            if self._event is None:
+                self._event = anyio.Event()
+            await self._event.wait()
+        assert self.outcome is not None  # noqa: S101 - set before the event
         return self.outcome
 
 

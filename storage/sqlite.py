@@ -173,7 +173,7 @@ def load_device_state(conn: sqlite3.Connection, device_id: str) -> DeviceStateRe
     )
 
 
-_INSERT_RAW = "INSERT INTO raw_messages (device_id, topic, received_at, payload) VALUES (?, ?, ?, ?)"
+_INSERT_RAW = "INSERT INTO raw_messages (id, device_id, topic, received_at, payload) VALUES (?, ?, ?, ?, ?)"
 # OR IGNORE backs up the tracker: even a bug there cannot store a (device, boot, seq) twice.
 _INSERT_TELEMETRY = (
     "INSERT OR IGNORE INTO telemetry (device_id, boot, seq, ts_ms, m, loc, raw_id) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -200,11 +200,16 @@ def _commit(conn: sqlite3.Connection, batches: Sequence[DeviceBatch]) -> None:
     events: list[tuple[object, ...]] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
+        # This connection is the only writer, so it numbers the raw messages itself and inserts
+        # them with one executemany (max() on the primary key is a single seek).
+        raw_id: int = conn.execute("SELECT coalesce(max(id), 0) FROM raw_messages").fetchone()[0]
+        raws: list[tuple[object, ...]] = []
         for batch in batches:
             states[batch.device_id] = batch.state
             events.extend((batch.device_id, e.at, e.event, e.detail) for e in batch.events)
             for msg in batch.messages:
-                raw_id = conn.execute(_INSERT_RAW, (batch.device_id, msg.topic, msg.received_at, msg.payload)).lastrowid
+                raw_id += 1
+                raws.append((raw_id, batch.device_id, msg.topic, msg.received_at, msg.payload))
                 telemetry.extend(
                     (batch.device_id, r.boot, r.seq, r.ts_ms, r.m_json, r.loc_json, raw_id) for r in msg.telemetry
                 )
@@ -212,6 +217,7 @@ def _commit(conn: sqlite3.Connection, batches: Sequence[DeviceBatch]) -> None:
                     (batch.device_id, msg.topic, msg.received_at, q.reason.value, q.detail, raw_id)
                     for q in msg.quarantine
                 )
+        conn.executemany(_INSERT_RAW, raws)
         conn.executemany(_INSERT_TELEMETRY, telemetry)
         conn.executemany(_INSERT_QUARANTINE, quarantine)
         conn.executemany(_INSERT_EVENT, events)
