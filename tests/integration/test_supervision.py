@@ -186,3 +186,33 @@ async def test_failing_storage_stops_acknowledging_and_loses_nothing(tmp_path: P
         assert seqs(await node.telemetry("meter-s")) == [0, 1, 2, 3, 4, 5]
         assert await metric(node, "depot_node_commit_failures_total") >= 1
         await stop_node(node)
+
+
+async def test_storage_writer_crash_loses_nothing(tmp_path: Path) -> None:
+    """Not a StorageError (retried in place) but a bug: the writer task dies, its supervisor
+    restarts it, and the group it held is committed by the new one."""
+    crashes = 0
+
+    def commit_hook() -> None:
+        nonlocal crashes
+        if crashes < 2:
+            crashes += 1
+            raise RuntimeError("injected storage writer crash")
+
+    key = make_admin_key(tmp_path)
+    async with anyio.create_task_group() as tg:
+        node = await start_node(tg, tmp_path, key, faults=FaultHooks(commit=commit_hook))
+        secret = await node.register("meter-w")
+
+        def run() -> None:
+            with session(node, "meter-w", secret) as sock:
+                for seq in range(5):
+                    assert publish_and_wait(sock, "meter-w", seq)
+                sock.sendall(mqtt_raw.DISCONNECT)
+
+        await anyio.to_thread.run_sync(run)
+        assert crashes == 2
+        assert seqs(await node.telemetry("meter-w")) == [0, 1, 2, 3, 4]
+        async with node.http() as client:
+            assert (await client.get("/readyz")).status_code == 200
+        await stop_node(node)
