@@ -153,6 +153,9 @@ class DeviceActor:
 
     def _handle_link(self, link: Link) -> None:
         connected = link.event is LinkEvent.CONNECTED
+        if link.superseded:
+            self._events.append(DeviceEvent(link.at, link.event.value, link.detail))
+            return
         self._online = connected
         self._connected_since = link.at if connected else None
         self._last_seen = max(self._last_seen or 0.0, link.at)

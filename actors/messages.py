@@ -80,6 +80,9 @@ class Link:
     detail: str = ""
     #: For a disconnect whose will the broker published: ``topic: payload``.
     will: str | None = None
+    #: A disconnect of an older connection while a newer one is live (a takeover): it goes
+    #: into the history but leaves the device online.
+    superseded: bool = False
 
 
 type DeviceMessage = Publish | Link

@@ -94,7 +94,12 @@ class Bridge:
                 payload = bytes(session.will_message or b"")[:100].decode("utf-8", "replace")
                 retained = " (retained)" if session.will_retain else ""
                 will = f"{session.will_topic}{retained}: {payload}"
-            await self.router.deliver(Link(session.username, LinkEvent.DISCONNECTED, time.time(), reason, will=will))
+            # A takeover: the old connection ends after the new one was accepted. Its end goes
+            # into the history but must not mark the device offline.
+            live = self.broker.live.get(session.client_id or "", []) if self.broker is not None else []
+            superseded = any(h.session is not session for h in live)
+            link = Link(session.username, LinkEvent.DISCONNECTED, time.time(), reason, will, superseded)
+            await self.router.deliver(link)
 
     async def node_stopping(self) -> None:
         """Record a disconnect for every connected device before the broker closes them

@@ -58,6 +58,19 @@ class NodeProtocolHandler(BrokerProtocolHandler):
     #: Event-loop time of the last PUBLISH or PINGREQ (see NodeBroker.enforce_inactivity).
     last_activity: float = 0.0
 
+    async def start(self) -> None:
+        await super().start()
+        # Only an authenticated session gets here (amqtt starts the handler after CONNACK 0).
+        broker = self.bridge.broker
+        if broker is not None:
+            await broker.register_live(self)
+
+    async def stop(self) -> None:
+        broker = self.bridge.broker
+        if broker is not None:
+            broker.unregister_live(self)
+        await super().stop()
+
     async def handle_pingreq(self, pingreq: PingReqPacket) -> None:
         self.last_activity = asyncio.get_running_loop().time()
         await super().handle_pingreq(pingreq)
@@ -162,6 +175,51 @@ class NodeBroker(Broker):
         super().__init__(config)
         self.bridge = bridge
         bridge.broker = self
+        #: Authenticated, open connections per client id. amqtt's own session table is not
+        #: enough: a CONNECT with a taken client id replaces the table entry *before* it is
+        #: authenticated, even when it is then refused, and an accepted second CONNECT with a
+        #: clean session never closes the first (MQTT-3.1.4-2). Revocation, takeover and
+        #: "online" use this registry instead.
+        self.live: dict[str, list[NodeProtocolHandler]] = {}
+
+    async def register_live(self, handler: NodeProtocolHandler) -> None:
+        """A session was accepted: take over from any older connection of the same client."""
+        session = handler.session
+        if session is None or session.client_id is None:
+            return
+        older = self.live.get(session.client_id, [])
+        self.live[session.client_id] = [handler]
+        for old in older:
+            if old is handler:
+                continue
+            if old.session is not None and old.session is not session:
+                set_disconnect_reason(old.session, "taken_over", overwrite=True)
+                await self._del_all_subscriptions(old.session)
+            await old.handle_connection_closed()
+
+    def unregister_live(self, handler: NodeProtocolHandler) -> None:
+        for client_id, handlers in list(self.live.items()):
+            if handler in handlers:
+                handlers.remove(handler)
+                if not handlers:
+                    del self.live[client_id]
+
+    async def _delete_session(self, client_id: str) -> None:
+        # amqtt calls this for a clean-session CONNECT before authenticating it: a refused
+        # CONNECT must not wipe the live session of the device it claims to be. A live
+        # session is taken over (and its subscriptions dropped) in register_live instead,
+        # once the new one is authenticated.
+        if client_id in self.live:
+            return
+        await super()._delete_session(client_id)
+
+    def _restore_session_table(self) -> None:
+        """Point amqtt's table back at the live connection where a refused CONNECT replaced it."""
+        for client_id, handlers in self.live.items():
+            handler = handlers[-1]
+            entry = self._sessions.get(client_id)
+            if handler.session is not None and (entry is None or entry[1] is not handler):
+                self._sessions[client_id] = (handler.session, handler)
 
     async def _initialize_client_session(self, *args: Any, **kwargs: Any) -> Any:
         handler, session = await super()._initialize_client_session(*args, **kwargs)
@@ -192,6 +250,7 @@ class NodeBroker(Broker):
             log.debug("MQTT connection ended with a socket error: %r", exc)
         finally:
             writer.close()
+            self._restore_session_table()
 
     async def enforce_inactivity(self, silence: float) -> None:
         """Close sessions that sent no PUBLISH or PINGREQ for *silence* seconds, by the node's
@@ -211,19 +270,16 @@ class NodeBroker(Broker):
                     await handler._close(f"no activity for {silence:g} s", "inactive")  # noqa: SLF001
 
     def connected_sessions(self) -> list[Session]:
-        return [s for s, _ in self._sessions.values() if s.transitions.is_connected()]
+        return [h.session for handlers in self.live.values() for h in handlers if h.session is not None]
 
     async def close_session(self, client_id: str, reason: str) -> bool:
-        """Close *client_id*'s live connection; False when it has none."""
-        entry = self._sessions.get(client_id)
-        if entry is None:
-            return False
-        session, handler = entry
-        if not session.transitions.is_connected():
-            return False
-        set_disconnect_reason(session, reason, overwrite=True)
-        await handler.handle_connection_closed()
-        return True
+        """Close every live connection of *client_id*; False when it has none."""
+        handlers = list(self.live.get(client_id, []))
+        for handler in handlers:
+            if handler.session is not None:
+                set_disconnect_reason(handler.session, reason, overwrite=True)
+            await handler.handle_connection_closed()
+        return bool(handlers)
 
 
 def broker_config(bridge: Bridge, *, host: str, port: int, max_connections: int) -> dict[str, Any]:

@@ -48,6 +48,12 @@ PINNED = {
         amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.handle_pingreq,
         "de126279f40d7031",
     ),
+    # The live-connection registry: a refused CONNECT must not delete a live session (it is
+    # deleted before auth in _handle_client_session's order), takeover happens in start().
+    "Broker._delete_session": (amqtt.broker.Broker._delete_session, "a8333dded50648a7"),
+    "Broker._handle_client_session": (amqtt.broker.Broker._handle_client_session, "8b1b52a03df9daf5"),
+    "BrokerProtocolHandler.start": (amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.start, "f7637c34a27f905e"),
+    "BrokerProtocolHandler.stop": (amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.stop, "70e440da78e7178b"),
     "BrokerProtocolHandler.__init__": (
         amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.__init__,
         "95a1c78fecfdbffa",
