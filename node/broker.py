@@ -190,19 +190,25 @@ class NodeBroker(Broker):
         older = self.live.get(session.client_id, [])
         self.live[session.client_id] = [handler]
         for old in older:
-            if old is handler:
+            # The same Session object means a persistent session that amqtt itself took over
+            # (it closed the old handler before starting this one); closing it here would
+            # mark the shared session disconnected under the new connection.
+            if old is handler or old.session is None or old.session is session:
                 continue
-            if old.session is not None and old.session is not session:
-                set_disconnect_reason(old.session, "taken_over", overwrite=True)
-                await self._del_all_subscriptions(old.session)
+            set_disconnect_reason(old.session, "taken_over", overwrite=True)
+            await self._del_all_subscriptions(old.session)
             await old.handle_connection_closed()
 
     def unregister_live(self, handler: NodeProtocolHandler) -> None:
-        for client_id, handlers in list(self.live.items()):
-            if handler in handlers:
+        client_id = handler.session.client_id if handler.session is not None else None
+        candidates = [client_id] if client_id in self.live else list(self.live)
+        for cid in candidates:
+            handlers = self.live.get(cid)
+            if handlers is not None and handler in handlers:
                 handlers.remove(handler)
                 if not handlers:
-                    del self.live[client_id]
+                    del self.live[cid]
+                return
 
     async def _delete_session(self, client_id: str) -> None:
         # amqtt calls this for a clean-session CONNECT before authenticating it: a refused
@@ -261,13 +267,10 @@ class NodeBroker(Broker):
         while True:
             await asyncio.sleep(max(0.05, min(silence / 4, 5.0)))
             deadline = loop.time() - silence
-            for session, handler in list(self._sessions.values()):
-                if (
-                    isinstance(handler, NodeProtocolHandler)
-                    and session.transitions.is_connected()
-                    and handler.last_activity < deadline
-                ):
-                    await handler._close(f"no activity for {silence:g} s", "inactive")  # noqa: SLF001
+            for handlers in list(self.live.values()):
+                for handler in list(handlers):
+                    if handler.last_activity < deadline:
+                        await handler._close(f"no activity for {silence:g} s", "inactive")  # noqa: SLF001
 
     def connected_sessions(self) -> list[Session]:
         return [h.session for handlers in self.live.values() for h in handlers if h.session is not None]
