@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,39 +36,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
+from tests import mqtt_raw
+
 # --------------------------------------------------------------------------- MQTT encoding
-# Copied from tests/mqtt_raw.py (bench does not import tests).
+# The packet encoder the tests use (tests/mqtt_raw.py): this process runs from the repository
+# root (``python -m bench.loader``), so the one encoder serves both.
 
 PUBACK: Final = 4
 CONNACK: Final = 2
-DISCONNECT: Final = b"\xe0\x00"
-
-
-def _varlen(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(s: str | bytes) -> bytes:
-    b = s.encode() if isinstance(s, str) else s
-    return struct.pack("!H", len(b)) + b
 
 
 def encode_connect(client_id: str, username: str, password: str, *, keepalive: int) -> bytes:
-    flags = 0x02 | 0x80 | 0x40  # clean session, username, password
-    payload = _str(client_id) + _str(username) + _str(password)
-    variable = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
-    body = variable + payload
-    return bytes([0x10]) + _varlen(len(body)) + body
+    return mqtt_raw.connect(client_id, username, password, keepalive=keepalive)
 
 
 def encode_publish(topic: str, payload: bytes, *, packet_id: int) -> bytes:
-    body = _str(topic) + struct.pack("!H", packet_id) + payload
-    return bytes([0x30 | (1 << 1)]) + _varlen(len(body)) + body
+    return mqtt_raw.publish(topic, payload, qos=1, packet_id=packet_id)
 
 
 def packet_id_for(index: int) -> int:
@@ -270,7 +252,7 @@ class DeviceConnection(asyncio.Protocol):
     def close(self) -> None:
         self.closing = True
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(DISCONNECT)
+            self.transport.write(mqtt_raw.DISCONNECT)
             self.transport.close()
 
 
