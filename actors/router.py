@@ -78,17 +78,32 @@ class Router:
 
     async def deliver(self, msg: DeviceMessage) -> None:
         """Hand *msg* to its device's actor, starting one if needed; waits while it is full."""
+        while not self.deliver_nowait(msg):
+            slot = self._slots.get(msg.device_id)
+            if slot is None:
+                continue  # retired meanwhile: deliver_nowait starts a fresh one
+            try:
+                await slot.mailbox.send(msg)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                continue  # the actor retired while we waited: start a fresh one
+            return
+
+    def deliver_nowait(self, msg: DeviceMessage) -> bool:
+        """:meth:`deliver` without waiting: False when the actor's mailbox is full (then the
+        caller awaits :meth:`deliver`). Saves the broker's hot path a coroutine per message."""
         while True:
             if msg.device_id in self.parked or self._closing:
                 if isinstance(msg, Publish) and msg.done is not None:
                     msg.done.resolve(Outcome.FAILED)
-                return
+                return True
             slot = self._slots.get(msg.device_id) or self._start(msg.device_id)
             try:
-                await slot.mailbox.send(msg)
+                slot.mailbox.send_nowait(msg)
+            except anyio.WouldBlock:
+                return False
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 continue  # the actor retired between lookup and send: start a fresh one
-            return
+            return True
 
     async def close(self) -> None:
         """Stop taking messages, let every actor drain its mailbox, and return once all ended

@@ -32,8 +32,9 @@ from actors.writer import StorageWriter
 from node.alerting import build_alerts, run_alerts, stop_alerts
 from node.auth import DeviceGate
 from node.bridge import Bridge
-from node.broker import NodeBroker, broker_config
+from node.broker import NodeBroker, NodeProtocolHandler, broker_config
 from node.config import Settings, parse_bind
+from node.fastpath import FastProtocolHandler
 from node.faults import FaultHooks, FaultyStore
 from storage.errors import StartupError
 from storage.interfaces import IngestStore
@@ -182,7 +183,9 @@ async def _run_writer(writer: StorageWriter, done: anyio.Event) -> None:
 
 async def _start_broker(settings: Settings, bridge: Bridge) -> tuple[NodeBroker, tuple[str, int]]:
     host, port = parse_bind(settings.mqtt_bind)
-    broker = NodeBroker(broker_config(bridge, host=host, port=port, max_connections=settings.max_connections), bridge)
+    config = broker_config(bridge, host=host, port=port, max_connections=settings.max_connections)
+    handler_class = FastProtocolHandler if settings.broker_fast_path else NodeProtocolHandler
+    broker = NodeBroker(config, bridge, handler_class=handler_class, max_packet_bytes=settings.mqtt_max_packet_bytes)
     try:
         await broker.start()
     except BrokerError as exc:

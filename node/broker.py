@@ -57,6 +57,8 @@ class NodeProtocolHandler(BrokerProtocolHandler):
     _keepalive_close: asyncio.Task[None] | None = None
     #: Event-loop time of the last PUBLISH or PINGREQ (see NodeBroker.enforce_inactivity).
     last_activity: float = 0.0
+    #: Largest packet accepted (enforced by node.fastpath's reader; amqtt's own has no limit).
+    max_packet_bytes: int = 1 << 20
 
     async def start(self) -> None:
         await super().start()
@@ -171,9 +173,19 @@ class NodeProtocolHandler(BrokerProtocolHandler):
 class NodeBroker(Broker):
     """amqtt's Broker, with :class:`NodeProtocolHandler` for every client session."""
 
-    def __init__(self, config: dict[str, Any], bridge: Bridge) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        bridge: Bridge,
+        *,
+        handler_class: type[NodeProtocolHandler] = NodeProtocolHandler,
+        max_packet_bytes: int = 1 << 20,
+    ) -> None:
         super().__init__(config)
         self.bridge = bridge
+        #: NodeProtocolHandler (amqtt's reader) or node.fastpath.FastProtocolHandler.
+        self.handler_class = handler_class
+        self.max_packet_bytes = max_packet_bytes
         bridge.broker = self
         #: Authenticated, open connections per client id. amqtt's own session table is not
         #: enough: a CONNECT with a taken client id replaces the table entry *before* it is
@@ -236,8 +248,9 @@ class NodeBroker(Broker):
             session.keep_alive = session.keep_alive * 1.5  # type: ignore[assignment] # amqtt only compares it
         # init_from_connect() built a plain BrokerProtocolHandler; it holds no state that
         # differs between the two classes, so re-classing it is safe (pinned, see module doc).
-        handler.__class__ = NodeProtocolHandler
+        handler.__class__ = self.handler_class
         node_handler = cast("NodeProtocolHandler", handler)
+        node_handler.max_packet_bytes = self.max_packet_bytes
         node_handler.bridge = self.bridge
         node_handler.last_activity = asyncio.get_running_loop().time()
         return handler, session

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     max_payload_bytes: int = Field(default=16 * 1024, ge=256, le=256 * 1024 * 1024)
     max_connections: int = Field(default=0, ge=0, description="0 means unlimited")
+    #: The largest MQTT packet a client may send; a larger one closes its connection before it
+    #: is buffered. Payloads between ``max_payload_bytes`` and this are quarantined instead.
+    mqtt_max_packet_bytes: int = Field(default=1024 * 1024, ge=1024, le=268_435_455)
+    #: The broker's fast path (node/fastpath.py, ADR 0012); false falls back to amqtt's reader.
+    broker_fast_path: bool = True
     device_mailbox: int = Field(default=1024, ge=1, le=1_000_000)
     device_idle_timeout_s: float = Field(default=300.0, gt=0)
     #: Close a session that sent no PUBLISH or PINGREQ for this long (0 = never). A backstop

@@ -1,4 +1,4 @@
-"""node/broker.py replaces amqtt internals; these fail when the replaced upstream code changes.
+"""node/broker.py and node/fastpath.py replace amqtt internals; these fail when the replaced upstream code changes.
 
 When one fails after an amqtt upgrade: read the new upstream code, re-check what
 ``NodeProtocolHandler`` and ``NodeBroker`` rely on (see node/broker.py's docstring), adapt them,
@@ -11,14 +11,17 @@ import hashlib
 import inspect
 from importlib.metadata import version
 
+import amqtt.adapters
 import amqtt.broker
+import amqtt.mqtt.packet
 import amqtt.mqtt.protocol.broker_handler
 import amqtt.mqtt.protocol.handler
 
 from node.broker import AMQTT_VERSION
 
 PINNED = {
-    # handle_publish is what we override; _reader_loop is what calls it (one task per packet);
+    # handle_publish is what we override; _reader_loop is what calls it (one task per packet),
+    # and what node/fastpath.py replaces whole (it mirrors its start, end and dispatch);
     # _handle_qos2_message_flow's incoming half is what our QoS 2 acknowledgement mirrors.
     "ProtocolHandler.handle_publish": (amqtt.mqtt.protocol.handler.ProtocolHandler.handle_publish, "b8f1fd3212c7134e"),
     "ProtocolHandler._reader_loop": (amqtt.mqtt.protocol.handler.ProtocolHandler._reader_loop, "93f3b8e4483040d0"),
@@ -58,6 +61,14 @@ PINNED = {
         amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.__init__,
         "95a1c78fecfdbffa",
     ),
+    # node/fastpath.py: the reader task's start and stop around _reader_loop, the adapters'
+    # streams it reads and writes directly, and the fixed header it builds for amqtt's decoders.
+    "ProtocolHandler.start": (amqtt.mqtt.protocol.handler.ProtocolHandler.start, "684c58c16be73a2d"),
+    "ProtocolHandler.stop": (amqtt.mqtt.protocol.handler.ProtocolHandler.stop, "874ae8871911881f"),
+    "StreamReaderAdapter.__init__": (amqtt.adapters.StreamReaderAdapter.__init__, "2594a16cfbf64a25"),
+    "StreamWriterAdapter.__init__": (amqtt.adapters.StreamWriterAdapter.__init__, "9612036ac78e5ab2"),
+    "StreamWriterAdapter.write": (amqtt.adapters.StreamWriterAdapter.write, "a204e5a548e08184"),
+    "MQTTFixedHeader.__init__": (amqtt.mqtt.packet.MQTTFixedHeader.__init__, "0051f99b0b811f71"),
 }
 
 

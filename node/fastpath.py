@@ -1,0 +1,344 @@
+"""The broker's fast path: amqtt's per-connection packet reader, replaced for TCP connections.
+
+amqtt 0.12.1 reads every packet with ``asyncio.wait_for(MQTTFixedHeader.from_stream(...))``
+(a timer and a task per packet, plus one ``await`` per header byte), decodes it into packet
+objects, and then runs each packet's handler in a task of its own. On the node's hot path,
+QoS 1 telemetry, that is most of the broker's CPU (bench/ingest.py; issue #7). This module
+replaces exactly one amqtt internal, ``ProtocolHandler._reader_loop``, for connections whose
+reader is amqtt's ``StreamReaderAdapter`` (plain TCP and TLS):
+
+* **Buffered reader.** One ``read()`` per chunk of bytes that arrived, then every complete
+  packet in the buffer is parsed from memory. A packet larger than the configured maximum
+  closes the connection before it is buffered.
+* **One keep-alive timer per connection** instead of a ``wait_for`` per packet: a
+  ``call_later`` that re-arms itself from the time of the last byte received, and calls
+  ``handle_read_timeout`` (which closes the session, see ``node.broker``) after
+  1.5 x keep-alive of silence.
+* **Inbound QoS 0/1 PUBLISH handled inline**, without a task or an amqtt packet object: the
+  ACL is checked, the message goes to the device actor's mailbox (awaiting only when the
+  mailbox is full, which is the backpressure), and the PUBACK is written by the commit's
+  completion callback. PUBACKs leave in the order the PUBLISHes arrived (MQTT-4.6.0-2): an
+  in-order queue per connection holds the acknowledgements that are ready behind one still
+  waiting for its commit, and consecutive ready ones go out in one ``write``.
+* **PINGREQ** is answered inline. Every other packet (CONNECT, SUBSCRIBE, UNSUBSCRIBE,
+  PUBACK/PUBREC/PUBREL/PUBCOMP of node → device traffic, QoS 2 PUBLISH, DISCONNECT) is
+  decoded with amqtt's own packet classes and handed to the same ``handle_*`` method, in a
+  task of its own, exactly as ``_reader_loop`` does.
+
+Inbound PUBLISHes already never went through amqtt's per-session delivery queue,
+``_client_message_loop`` or the broadcast loop (``node.broker``, ADR 0001): device → node
+traffic has no subscribers. Plugin events for received packets are fired only where a plugin
+registered for them (``PluginManager.fire_event`` returns at once otherwise).
+
+The replaced function is pinned by its source digest in ``tests/integration/test_amqtt_pin.py``.
+``broker_fast_path = false`` in the settings falls back to amqtt's own reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
+from amqtt.errors import MQTTError, NoDataError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.constants import QOS_0, QOS_1
+from amqtt.mqtt.packet import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
+
+from actors.messages import Completion, Outcome, Publish
+from node.broker import NodeProtocolHandler
+from storage.contract import PUBLISH_KINDS, parse_topic
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+
+    from amqtt.mqtt.packet import MQTTPacket
+
+    type AnyPacket = MQTTPacket[Any, Any, MQTTFixedHeader]
+
+log = logging.getLogger(__name__)
+
+#: PINGRESP: packet type 13, remaining length 0.
+_PINGRESP: Final = b"\xd0\x00"
+#: How much one read may take from the socket at a time.
+_READ_CHUNK: Final = 64 * 1024
+#: Stop reading from a client that does not read its PUBACKs once this much is unsent.
+_WRITE_HIGH_WATER: Final = 256 * 1024
+#: Smallest packet: the fixed header's type byte and a one-byte remaining length.
+_MIN_PACKET: Final = 2
+#: The remaining length takes at most four bytes of seven bits (MQTT 3.1.1 §2.2.3).
+_MAX_LENGTH_SHIFT: Final = 21
+#: A PUBLISH's topic length prefix.
+_TOPIC_PREFIX: Final = 2
+
+_HANDLERS: Final = {
+    CONNACK: "handle_connack",
+    SUBSCRIBE: "handle_subscribe",
+    UNSUBSCRIBE: "handle_unsubscribe",
+    SUBACK: "handle_suback",
+    UNSUBACK: "handle_unsuback",
+    PUBACK: "handle_puback",
+    PUBREC: "handle_pubrec",
+    PUBREL: "handle_pubrel",
+    PUBCOMP: "handle_pubcomp",
+    PINGRESP: "handle_pingresp",
+    PUBLISH: "handle_publish",
+    DISCONNECT: "handle_disconnect",
+}
+
+
+class MalformedPacket(Exception):  # noqa: N818 - a protocol condition, named as MQTT names it
+    """The client broke the packet framing or encoding; the connection is closed."""
+
+
+class _Closed(Exception):  # noqa: N818 - control flow, not an error
+    """The connection was closed while a packet was being handled: stop reading."""
+
+
+class _Ack:
+    """One QoS 1 PUBLISH waiting for its PUBACK, in arrival order."""
+
+    __slots__ = ("outcome", "packet_id")
+
+    def __init__(self, packet_id: int, outcome: Outcome | None = None) -> None:
+        self.packet_id = packet_id
+        self.outcome = outcome
+
+
+class FastProtocolHandler(NodeProtocolHandler):
+    """:class:`~node.broker.NodeProtocolHandler` with the buffered reader of this module."""
+
+    _keepalive_timer: asyncio.TimerHandle | None = None
+    #: The task closing the connection after a failed commit (kept so it is not collected).
+    _fail_close: asyncio.Task[None] | None = None
+
+    async def _reader_loop(self) -> None:
+        reader = self.reader
+        writer = self.writer
+        if not isinstance(reader, StreamReaderAdapter) or not isinstance(writer, StreamWriterAdapter):
+            await super()._reader_loop()  # websockets etc.: amqtt's own reader
+            return
+        assert self._reader_ready is not None  # noqa: S101 - set by start() before this task
+        stream: asyncio.StreamReader = reader._reader  # noqa: SLF001 - the adapter's stream, pinned
+        self._stream_writer: asyncio.StreamWriter = writer._writer  # noqa: SLF001
+        self._acks: collections.deque[_Ack] = collections.deque()
+        self._tasks: collections.deque[asyncio.Task[None]] = collections.deque()
+        loop = asyncio.get_running_loop()
+        self._last_rx = loop.time()
+        timer = self._arm_keepalive(loop)
+        self._reader_ready.set()
+        buf = bytearray()
+        try:
+            while True:
+                chunk = await stream.read(_READ_CHUNK)
+                if not chunk:
+                    break  # EOF
+                self._last_rx = loop.time()
+                buf += chunk
+                consumed = await self._parse(buf)
+                if consumed:
+                    del buf[:consumed]
+                tasks = self._tasks
+                while tasks and tasks[0].done():
+                    tasks.popleft()
+                transport = self._stream_writer.transport
+                if transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+                    await self._stream_writer.drain()
+        except (asyncio.CancelledError, _Closed):
+            log.debug("reader of %r stopped", self._client_id())
+        except MalformedPacket as exc:
+            await self._close(f"malformed packet: {exc}", "protocol_error")
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
+            log.debug("connection of %r ended: %r", self._client_id(), exc)
+        except Exception:
+            log.exception("reader of %r failed; closing the connection", self._client_id())
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._keepalive_timer = None
+        while self._tasks:
+            self._tasks.popleft().cancel()
+        self._acks.clear()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+    def _client_id(self) -> str | None:
+        return self.session.client_id if self.session is not None else None
+
+    # -- keep-alive ------------------------------------------------------------------------
+
+    def _arm_keepalive(self, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+        timeout = self.keepalive_timeout
+        if not timeout:
+            return None
+        self._keepalive_timer = loop.call_at(self._last_rx + timeout, self._keepalive_due, loop, float(timeout))
+        return self._keepalive_timer
+
+    def _keepalive_due(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        due = self._last_rx + timeout
+        if loop.time() < due:
+            # Bytes arrived since the timer was set: re-arm from the last one.
+            self._keepalive_timer = loop.call_at(due, self._keepalive_due, loop, timeout)
+            return
+        self.handle_read_timeout()
+
+    # -- framing ---------------------------------------------------------------------------
+
+    async def _parse(self, buf: bytearray) -> int:
+        """Handle every complete packet at the start of *buf*; return how many bytes they took."""
+        pos = 0
+        size = len(buf)
+        limit = self.max_packet_bytes
+        while size - pos >= _MIN_PACKET:
+            first = buf[pos]
+            # Remaining length: 1-4 bytes, 7 bits each, least significant first (§2.2.3).
+            length = 0
+            shift = 0
+            i = pos + 1
+            while True:
+                if i >= size:
+                    return pos  # the header itself is incomplete
+                byte = buf[i]
+                i += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > _MAX_LENGTH_SHIFT:
+                    raise MalformedPacket("remaining length longer than four bytes")
+            if length > limit:
+                raise MalformedPacket(f"packet of {length} bytes exceeds the limit of {limit}")
+            end = i + length
+            if end > size:
+                return pos  # wait for the rest of the packet
+            packet_type = first >> 4
+            if packet_type == PUBLISH and ((first >> 1) & 3) in (QOS_0, QOS_1):
+                await self._publish(first, buf, i, end)
+            elif packet_type == PINGREQ:
+                self.last_activity = self._last_rx
+                self._write(_PINGRESP)
+            else:
+                await self._dispatch(first, bytes(buf[i:end]), length)
+            pos = end
+        return pos
+
+    async def _dispatch(self, first: int, body: bytes, length: int) -> None:
+        """Any other packet: decode it with amqtt's classes and hand it on as amqtt would."""
+        packet_type = first >> 4
+        header = MQTTFixedHeader(packet_type, first & 0x0F, length)
+        if packet_type == CONNECT:
+            raise MalformedPacket("a second CONNECT (MQTT-3.1.0-2)")
+        name = _HANDLERS.get(packet_type)
+        if name is None:
+            raise MalformedPacket(f"packet type {packet_type} is not allowed from a client")
+        try:
+            packet: AnyPacket = await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
+        except (MQTTError, NoDataError, ValueError, UnicodeDecodeError) as exc:
+            raise MalformedPacket(f"cannot decode packet type {packet_type}: {exc!r}") from exc
+        await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
+        handle: Callable[[AnyPacket], Coroutine[Any, Any, None]] = getattr(self, name)
+        self._tasks.append(asyncio.create_task(handle(packet)))
+
+    # -- the hot path: inbound QoS 0 / QoS 1 PUBLISH -----------------------------------------
+
+    async def _publish(self, first: int, buf: bytearray, start: int, end: int) -> None:
+        qos = (first >> 1) & 3
+        if end - start < _TOPIC_PREFIX:
+            raise MalformedPacket("PUBLISH without a topic")
+        topic_len = (buf[start] << 8) | buf[start + 1]
+        cursor = start + 2 + topic_len
+        if cursor > end:
+            raise MalformedPacket("PUBLISH topic runs past the packet")
+        try:
+            topic = buf[start + 2 : cursor].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedPacket("PUBLISH topic is not UTF-8 (MQTT-1.5.3-1)") from exc
+        packet_id = 0
+        if qos == QOS_1:
+            if cursor + 2 > end:
+                raise MalformedPacket("QoS 1 PUBLISH without a packet id")
+            packet_id = (buf[cursor] << 8) | buf[cursor + 1]
+            cursor += 2
+            if packet_id == 0:
+                raise MalformedPacket("packet id 0 (MQTT-2.3.1-1)")
+        elif first & 0x08:
+            raise MalformedPacket("DUP flag on a QoS 0 PUBLISH (MQTT-3.3.1-2)")
+        payload = bytes(buf[cursor:end])
+        self.last_activity = self._last_rx
+        session = self.session
+        if session is None:
+            return
+        bridge = self.bridge
+        identity = session.username or ""
+        parsed = parse_topic(topic)
+        if parsed is None or parsed.device_id != identity or parsed.kind not in PUBLISH_KINDS:
+            bridge.denied(identity, "publish", topic)
+            if bridge.disconnect_on_denial:
+                await self._close("ACL denial")
+                raise _Closed
+            if qos == QOS_1:
+                self._enqueue_ack(_Ack(packet_id, Outcome.DURABLE))
+            return
+        done: Completion | None = None
+        if qos == QOS_1:
+            ack = _Ack(packet_id)
+            self._acks.append(ack)
+            done = Completion(lambda outcome: self._resolved(ack, outcome))
+        msg = Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), done)
+        if not bridge.router.deliver_nowait(msg):
+            await bridge.router.deliver(msg)  # the device's mailbox is full: wait for room
+
+    def _enqueue_ack(self, ack: _Ack) -> None:
+        self._acks.append(ack)
+        self._flush_acks()
+
+    def _resolved(self, ack: _Ack, outcome: Outcome) -> None:
+        """A commit's completion callback (runs in the storage writer's task)."""
+        ack.outcome = outcome
+        if outcome is Outcome.FAILED:
+            # Not durable: never acknowledge it; the device resends after reconnecting.
+            self._acks.clear()
+            if self._fail_close is None:
+                loop = asyncio.get_running_loop()
+                self._fail_close = loop.create_task(self._close("message could not be made durable"))
+            return
+        if self._acks and self._acks[0] is ack:
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        acks = self._acks
+        out = bytearray()
+        while acks and acks[0].outcome is Outcome.DURABLE:
+            out += b"\x40\x02" + acks.popleft().packet_id.to_bytes(2, "big")
+        if out:
+            self._write(bytes(out))
+
+    def _write(self, data: bytes) -> None:
+        writer = self.writer
+        if writer is None or getattr(writer, "is_closed", False):
+            return
+        transport = self._stream_writer.transport
+        if transport.is_closing():
+            return
+        transport.write(data)
