@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     mqtt_max_packet_bytes: int = Field(default=1024 * 1024, ge=1024, le=268_435_455)
     #: The broker's fast path (node/fastpath.py, ADR 0012); false falls back to amqtt's reader.
     broker_fast_path: bool = True
+    #: The garbage collector's first threshold for ``serve`` (0 keeps Python's default, 2000);
+    #: see node.cli.tune_gc.
+    gc_gen0_threshold: int = Field(default=10_000, ge=0, le=10_000_000)
     device_mailbox: int = Field(default=1024, ge=1, le=1_000_000)
     device_idle_timeout_s: float = Field(default=300.0, gt=0)
     #: Close a session that sent no PUBLISH or PINGREQ for this long (0 = never). A backstop

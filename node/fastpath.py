@@ -16,10 +16,12 @@ reader is amqtt's ``StreamReaderAdapter`` (plain TCP and TLS):
   1.5 x keep-alive of silence.
 * **Inbound QoS 0/1 PUBLISH handled inline**, without a task or an amqtt packet object: the
   ACL is checked, the message goes to the device actor's mailbox (awaiting only when the
-  mailbox is full, which is the backpressure), and the PUBACK is written by the commit's
-  completion callback. PUBACKs leave in the order the PUBLISHes arrived (MQTT-4.6.0-2): an
+  mailbox is full, which is the backpressure), and the PUBACK is written once the commit's
+  completion fires. PUBACKs leave in the order the PUBLISHes arrived (MQTT-4.6.0-2): an
   in-order queue per connection holds the acknowledgements that are ready behind one still
-  waiting for its commit, and consecutive ready ones go out in one ``write``.
+  waiting for its commit, and all that are ready go out in one ``write`` per connection per
+  loop iteration (a commit of a thousand messages is one write per connection, not a
+  thousand).
 * **PINGREQ** is answered inline. Every other packet (CONNECT, SUBSCRIBE, UNSUBSCRIBE,
   PUBACK/PUBREC/PUBREL/PUBCOMP of node → device traffic, QoS 2 PUBLISH, DISCONNECT) is
   decoded with amqtt's own packet classes and handed to the same ``handle_*`` method, in a
@@ -40,6 +42,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
@@ -70,7 +73,7 @@ from node.broker import NodeProtocolHandler
 from storage.contract import PUBLISH_KINDS, parse_topic
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Coroutine
 
     from amqtt.mqtt.packet import MQTTPacket
 
@@ -111,18 +114,19 @@ class MalformedPacket(Exception):  # noqa: N818 - a protocol condition, named as
     """The client broke the packet framing or encoding; the connection is closed."""
 
 
-class _Closed(Exception):  # noqa: N818 - control flow, not an error
-    """The connection was closed while a packet was being handled: stop reading."""
+class _Denied(Exception):  # noqa: N818 - control flow, not an error
+    """An ACL denial with ``disconnect_on_acl_denial``: close the connection, stop reading."""
 
 
-class _Ack:
-    """One QoS 1 PUBLISH waiting for its PUBACK, in arrival order."""
+class _Ack(Completion):
+    """One QoS 1 PUBLISH waiting for its PUBACK, in arrival order; it is also the message's
+    completion, so the hot path allocates one object per message for both."""
 
-    __slots__ = ("outcome", "packet_id")
+    __slots__ = ("packet_id",)
 
-    def __init__(self, packet_id: int, outcome: Outcome | None = None) -> None:
+    def __init__(self, packet_id: int, notify: Callable[[Outcome], object]) -> None:
+        super().__init__(notify)
         self.packet_id = packet_id
-        self.outcome = outcome
 
 
 class FastProtocolHandler(NodeProtocolHandler):
@@ -131,6 +135,8 @@ class FastProtocolHandler(NodeProtocolHandler):
     _keepalive_timer: asyncio.TimerHandle | None = None
     #: The task closing the connection after a failed commit (kept so it is not collected).
     _fail_close: asyncio.Task[None] | None = None
+    #: A flush of ready PUBACKs is scheduled for this loop iteration.
+    _flush_due: bool = False
 
     async def _reader_loop(self) -> None:
         reader = self.reader
@@ -164,8 +170,10 @@ class FastProtocolHandler(NodeProtocolHandler):
                 transport = self._stream_writer.transport
                 if transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
                     await self._stream_writer.drain()
-        except (asyncio.CancelledError, _Closed):
+        except asyncio.CancelledError:
             log.debug("reader of %r stopped", self._client_id())
+        except _Denied:
+            await self._close("ACL denial")
         except MalformedPacket as exc:
             await self._close(f"malformed packet: {exc}", "protocol_error")
         except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
@@ -176,6 +184,11 @@ class FastProtocolHandler(NodeProtocolHandler):
             if timer is not None:
                 timer.cancel()
             self._keepalive_timer = None
+        await self._reader_ended()
+
+    async def _reader_ended(self) -> None:
+        """What amqtt's ``_reader_loop`` does after its loop: cancel the packet tasks, report
+        the connection closed, and stop the handler."""
         while self._tasks:
             self._tasks.popleft().cancel()
         self._acks.clear()
@@ -234,7 +247,9 @@ class FastProtocolHandler(NodeProtocolHandler):
                 return pos  # wait for the rest of the packet
             packet_type = first >> 4
             if packet_type == PUBLISH and ((first >> 1) & 3) in (QOS_0, QOS_1):
-                await self._publish(first, buf, i, end)
+                full = self._publish(first, buf, i, end)
+                if full is not None:
+                    await self.bridge.router.deliver(full)  # the device's mailbox is full: wait
             elif packet_type == PINGREQ:
                 self.last_activity = self._last_rx
                 self._write(_PINGRESP)
@@ -262,7 +277,12 @@ class FastProtocolHandler(NodeProtocolHandler):
 
     # -- the hot path: inbound QoS 0 / QoS 1 PUBLISH -----------------------------------------
 
-    async def _publish(self, first: int, buf: bytearray, start: int, end: int) -> None:
+    def _publish(self, first: int, buf: bytearray, start: int, end: int) -> Publish | None:
+        """Check and hand on one QoS 0/1 PUBLISH without awaiting anything.
+
+        Returns the message when the device's mailbox is full (the caller awaits room: the
+        backpressure), else None. A plain function, not a coroutine: this runs per message.
+        """
         qos = (first >> 1) & 3
         if end - start < _TOPIC_PREFIX:
             raise MalformedPacket("PUBLISH without a topic")
@@ -284,38 +304,35 @@ class FastProtocolHandler(NodeProtocolHandler):
                 raise MalformedPacket("packet id 0 (MQTT-2.3.1-1)")
         elif first & 0x08:
             raise MalformedPacket("DUP flag on a QoS 0 PUBLISH (MQTT-3.3.1-2)")
-        payload = bytes(buf[cursor:end])
         self.last_activity = self._last_rx
         session = self.session
         if session is None:
-            return
+            return None
         bridge = self.bridge
         identity = session.username or ""
         parsed = parse_topic(topic)
         if parsed is None or parsed.device_id != identity or parsed.kind not in PUBLISH_KINDS:
             bridge.denied(identity, "publish", topic)
             if bridge.disconnect_on_denial:
-                await self._close("ACL denial")
-                raise _Closed
+                raise _Denied
             if qos == QOS_1:
-                self._enqueue_ack(_Ack(packet_id, Outcome.DURABLE))
-            return
-        done: Completion | None = None
+                # MQTT 3.1.1 has no negative PUBACK: acknowledged (in order), dropped, counted.
+                ack = _Ack(packet_id, self._ack_ready)
+                ack.outcome = Outcome.DURABLE
+                self._acks.append(ack)
+                self._ack_ready(Outcome.DURABLE)
+            return None
+        done: _Ack | None = None
         if qos == QOS_1:
-            ack = _Ack(packet_id)
-            self._acks.append(ack)
-            done = Completion(lambda outcome: self._resolved(ack, outcome))
-        msg = Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), done)
-        if not bridge.router.deliver_nowait(msg):
-            await bridge.router.deliver(msg)  # the device's mailbox is full: wait for room
+            done = _Ack(packet_id, self._ack_ready)
+            self._acks.append(done)
+        msg = Publish(parsed.device_id, parsed.kind, topic, bytes(buf[cursor:end]), time.time(), done)
+        return None if bridge.router.deliver_nowait(msg) else msg
 
-    def _enqueue_ack(self, ack: _Ack) -> None:
-        self._acks.append(ack)
-        self._flush_acks()
-
-    def _resolved(self, ack: _Ack, outcome: Outcome) -> None:
-        """A commit's completion callback (runs in the storage writer's task)."""
-        ack.outcome = outcome
+    def _ack_ready(self, outcome: Outcome) -> None:
+        """An acknowledgement became ready: a commit's completion (called from the storage
+        writer's task, once per message of its group) or a denied PUBLISH. The PUBACKs are
+        written once per loop iteration per connection, in one ``write``."""
         if outcome is Outcome.FAILED:
             # Not durable: never acknowledge it; the device resends after reconnecting.
             self._acks.clear()
@@ -323,10 +340,12 @@ class FastProtocolHandler(NodeProtocolHandler):
                 loop = asyncio.get_running_loop()
                 self._fail_close = loop.create_task(self._close("message could not be made durable"))
             return
-        if self._acks and self._acks[0] is ack:
-            self._flush_acks()
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
 
     def _flush_acks(self) -> None:
+        self._flush_due = False
         acks = self._acks
         out = bytearray()
         while acks and acks[0].outcome is Outcome.DURABLE:
