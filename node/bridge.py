@@ -28,16 +28,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Attribute set on an amqtt ``Session`` to say why it ended (DISCONNECT packet, keep-alive,
-#: revocation); the disconnect hook, which receives only the session, reads it.
+#: Key in an amqtt ``Session``'s ``attributes`` (the dict amqtt keeps for plugins' data) saying
+#: why it ended (DISCONNECT packet, keep-alive, revocation); the disconnect hook, which
+#: receives only the session, reads it. (Not a new attribute of the session itself: that grows
+#: every session's ``__dict__`` by ~1.5 KB.)
 DISCONNECT_REASON: Final = "_depot_node_disconnect_reason"
 
 _DEVICE_ACTIONS: Final = frozenset({"publish", "subscribe"})
 
 
 def set_disconnect_reason(session: Session, reason: str, *, overwrite: bool = False) -> None:
-    if overwrite or getattr(session, DISCONNECT_REASON, None) is None:
-        setattr(session, DISCONNECT_REASON, reason)
+    if overwrite or session.attributes.get(DISCONNECT_REASON) is None:
+        session.attributes[DISCONNECT_REASON] = reason
 
 
 class Bridge:
@@ -78,7 +80,7 @@ class Bridge:
     async def connected(self, session: Session) -> None:
         self.stats.connections += 1
         # A persistent session object is reused by the next connection: start afresh.
-        setattr(session, DISCONNECT_REASON, None)
+        session.attributes.pop(DISCONNECT_REASON, None)
         if session.username:
             peer = f"{session.remote_address}:{session.remote_port}"
             await self.router.deliver(Link(session.username, LinkEvent.CONNECTED, time.time(), peer))
@@ -86,7 +88,7 @@ class Bridge:
     async def disconnected(self, session: Session) -> None:
         self.stats.connections -= 1
         if session.username:
-            reason = getattr(session, DISCONNECT_REASON, None) or "connection_lost"
+            reason = session.attributes.get(DISCONNECT_REASON) or "connection_lost"
             will = None
             if reason not in ("clean", "node_stopping") and session.will_flag and session.will_topic:
                 # amqtt's _handle_disconnect, the only path that fires this hook, has just

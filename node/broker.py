@@ -60,6 +60,16 @@ class NodeProtocolHandler(BrokerProtocolHandler):
     #: Largest packet accepted (enforced by node.fastpath's reader; amqtt's own has no limit).
     max_packet_bytes: int = 1 << 20
 
+    @classmethod
+    def prepare_session(cls, session: Session) -> None:
+        """Called by NodeBroker for each session a CONNECT produced (node.fastpath slims it)."""
+
+    def slim(self) -> None:
+        """Called by NodeBroker once the handler is this class (node.fastpath slims it)."""
+
+    #: True when Broker._client_message_loop is not needed (node.fastpath).
+    owns_client_loop: bool = False
+
     async def start(self) -> None:
         await super().start()
         # Only an authenticated session gets here (amqtt starts the handler after CONNACK 0).
@@ -249,11 +259,30 @@ class NodeBroker(Broker):
         # init_from_connect() built a plain BrokerProtocolHandler; it holds no state that
         # differs between the two classes, so re-classing it is safe (pinned, see module doc).
         handler.__class__ = self.handler_class
+        self.handler_class.prepare_session(session)
+        cast("NodeProtocolHandler", handler).slim()
         node_handler = cast("NodeProtocolHandler", handler)
         node_handler.max_packet_bytes = self.max_packet_bytes
         node_handler.bridge = self.bridge
         node_handler.last_activity = asyncio.get_running_loop().time()
         return handler, session
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        """amqtt's loop waits on four futures per connection (disconnect, subscribe,
+        unsubscribe, delivery), each in a task of its own, for as long as the client is
+        connected. With node.fastpath the handler subscribes and unsubscribes itself and no
+        inbound PUBLISH is ever queued for delivery, so only the disconnect is left to wait
+        for, in this task: what amqtt then does with it is ``_handle_disconnect``, unchanged."""
+        if not getattr(handler, "owns_client_loop", False):
+            await super()._client_message_loop(client_session, handler)
+            return
+        try:
+            disconnect = await handler.wait_disconnect()
+        except asyncio.CancelledError:
+            return  # amqtt's loop ends quietly when cancelled (broker shutdown), and so do we
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter.set_result(disconnect)
+        await self._handle_disconnect(client_session, handler, waiter)
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str

@@ -43,7 +43,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
 from amqtt.errors import MQTTError, NoDataError
@@ -67,6 +67,11 @@ from amqtt.mqtt.packet import (
     UNSUBSCRIBE,
     MQTTFixedHeader,
 )
+from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
+from amqtt.mqtt.subscribe import SubscribePacket
+from amqtt.mqtt.unsubscribe import UnsubscribePacket
+from amqtt.session import Session
+from transitions.core import MachineError
 
 from actors.messages import Completion, Outcome, Publish
 from node.broker import NodeProtocolHandler
@@ -129,8 +134,160 @@ class _Ack(Completion):
         self.packet_id = packet_id
 
 
+class _UnusedQueue:
+    """Stands in for an amqtt ``asyncio.Queue`` that the fast path never uses (each real one
+    is four deques and an Event, ~3 KB per connection). It answers the emptiness checks amqtt
+    makes when it clears queues, and fails loudly if anything tries to use it."""
+
+    __slots__ = ()
+
+    def empty(self) -> bool:
+        return True
+
+    def qsize(self) -> int:
+        return 0
+
+    def get_nowait(self) -> NoReturn:
+        raise asyncio.QueueEmpty
+
+    def _unused(self, *args: object) -> NoReturn:
+        raise RuntimeError("this amqtt queue is not used with the broker fast path")
+
+    put = put_nowait = get = _unused
+
+
+UNUSED_QUEUE: Final = _UnusedQueue()
+
+
+class _LazyQueue:
+    """A session's ``retained_messages`` queue, made only when a message is queued for it
+    (amqtt queues retained messages for a disconnected persistent session; most sessions never
+    get one). The methods amqtt calls on it, forwarded to a real ``asyncio.Queue``."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Any] | None = None
+
+    def _real(self) -> asyncio.Queue[Any]:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        return self._queue
+
+    def empty(self) -> bool:
+        return self._queue is None or self._queue.empty()
+
+    def qsize(self) -> int:
+        return 0 if self._queue is None else self._queue.qsize()
+
+    def get_nowait(self) -> Any:
+        return self._real().get_nowait()
+
+    async def get(self) -> Any:
+        return await self._real().get()
+
+    def put_nowait(self, item: Any) -> None:
+        self._real().put_nowait(item)
+
+    async def put(self, item: Any) -> None:
+        await self._real().put(item)
+
+
+class SessionStates:
+    """A session's connection state, in place of the ``transitions.Machine`` that amqtt's
+    ``Session._init_states`` builds for every session (~15 KB each, the largest single part
+    of an idle connection's memory, measured with tracemalloc). The same triggers, queries and
+    errors as that machine for the three states and five transitions amqtt defines, and the
+    same ``on_enter`` callbacks (they stamp the connect and disconnect times)."""
+
+    __slots__ = ("_session", "state")
+
+    def __init__(self, session: Session, state: str = "new") -> None:
+        self._session = session
+        self.state = state
+
+    def connect(self) -> bool:
+        if self.state == "connected":
+            raise MachineError("Can't trigger event connect from state connected!")
+        self.state = "connected"
+        self._session._on_enter_connected()  # noqa: SLF001 - the machine's on_enter callback
+        return True
+
+    def disconnect(self) -> bool:
+        # Allowed from every state, disconnected -> disconnected included (and then, as in
+        # transitions, the state is entered again).
+        self.state = "disconnected"
+        self._session._on_enter_disconnected()  # noqa: SLF001
+        return True
+
+    def is_new(self) -> bool:
+        return self.state == "new"
+
+    def is_connected(self) -> bool:
+        return self.state == "connected"
+
+    def is_disconnected(self) -> bool:
+        return self.state == "disconnected"
+
+
 class FastProtocolHandler(NodeProtocolHandler):
     """:class:`~node.broker.NodeProtocolHandler` with the buffered reader of this module."""
+
+    owns_client_loop = True
+    #: Serialises this connection's SUBSCRIBE/UNSUBSCRIBE handling (made on first use).
+    _subscribing: asyncio.Lock | None = None
+
+    @classmethod
+    def prepare_session(cls, session: Session) -> None:
+        """Slim a session that a CONNECT produced (once; a persistent session comes back).
+
+        * its ``transitions.Machine`` becomes a :class:`SessionStates`;
+        * its ``delivered_message_queue`` becomes :data:`UNUSED_QUEUE`: amqtt fills it only
+          from the inbound PUBLISH flows this handler replaces, and drains it only in
+          ``Broker._client_message_loop``, which NodeBroker replaces for this handler;
+        * its ``retained_messages`` queue becomes a :class:`_LazyQueue`.
+        """
+        machine = session.transitions
+        if not isinstance(machine, SessionStates):
+            session.transitions = SessionStates(session, machine.state)  # type: ignore[assignment]
+            session.delivered_message_queue = UNUSED_QUEUE  # type: ignore[assignment]
+            if session.retained_messages.empty():
+                session.retained_messages = _LazyQueue()  # type: ignore[assignment]
+
+    def slim(self) -> None:
+        """Drop the handler's subscription queues: SUBSCRIBE and UNSUBSCRIBE are handled in
+        their packet's own task (:meth:`handle_subscribe`), not through the broker's loop."""
+        self._pending_subscriptions = UNUSED_QUEUE  # type: ignore[assignment]
+        self._pending_unsubscriptions = UNUSED_QUEUE  # type: ignore[assignment]
+
+    async def handle_subscribe(self, subscribe: SubscribePacket) -> None:
+        """What ``BrokerProtocolHandler.handle_subscribe`` queues and ``_client_message_loop``
+        then hands to ``Broker._handle_subscription``, done here directly, in packet order."""
+        if subscribe.variable_header is None or subscribe.payload is None:
+            raise MalformedPacket("SUBSCRIBE without packet id or topics")
+        subscription = Subscription(subscribe.variable_header.packet_id, subscribe.payload.topics)
+        await self._in_order(subscription, unsubscribe=False)
+
+    async def handle_unsubscribe(self, unsubscribe: UnsubscribePacket) -> None:
+        if unsubscribe.variable_header is None or unsubscribe.payload is None:
+            raise MalformedPacket("UNSUBSCRIBE without packet id or topics")
+        unsubscription = UnSubscription(unsubscribe.variable_header.packet_id, unsubscribe.payload.topics)
+        await self._in_order(unsubscription, unsubscribe=True)
+
+    async def _in_order(self, request: Subscription | UnSubscription, *, unsubscribe: bool) -> None:
+        broker = self.bridge.broker
+        session = self.session
+        if broker is None or session is None:
+            return
+        if self._subscribing is None:
+            self._subscribing = asyncio.Lock()
+        done: asyncio.Future[Subscription | UnSubscription] = asyncio.get_running_loop().create_future()
+        done.set_result(request)
+        async with self._subscribing:
+            if unsubscribe:
+                await broker._handle_unsubscription(session, self, done)  # noqa: SLF001 - pinned
+            else:
+                await broker._handle_subscription(session, self, done)  # noqa: SLF001 - pinned
 
     _keepalive_timer: asyncio.TimerHandle | None = None
     #: The task closing the connection after a failed commit (kept so it is not collected).
@@ -148,7 +305,7 @@ class FastProtocolHandler(NodeProtocolHandler):
         stream: asyncio.StreamReader = reader._reader  # noqa: SLF001 - the adapter's stream, pinned
         self._stream_writer: asyncio.StreamWriter = writer._writer  # noqa: SLF001
         self._acks: collections.deque[_Ack] = collections.deque()
-        self._tasks: collections.deque[asyncio.Task[None]] = collections.deque()
+        self._tasks: list[asyncio.Task[None]] = []  # rare packets' handlers (a list: 56 bytes idle)
         loop = asyncio.get_running_loop()
         self._last_rx = loop.time()
         timer = self._arm_keepalive(loop)
@@ -164,9 +321,8 @@ class FastProtocolHandler(NodeProtocolHandler):
                 consumed = await self._parse(buf)
                 if consumed:
                     del buf[:consumed]
-                tasks = self._tasks
-                while tasks and tasks[0].done():
-                    tasks.popleft()
+                if self._tasks:
+                    self._tasks = [t for t in self._tasks if not t.done()]
                 transport = self._stream_writer.transport
                 if transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
                     await self._stream_writer.drain()
@@ -189,8 +345,9 @@ class FastProtocolHandler(NodeProtocolHandler):
     async def _reader_ended(self) -> None:
         """What amqtt's ``_reader_loop`` does after its loop: cancel the packet tasks, report
         the connection closed, and stop the handler."""
-        while self._tasks:
-            self._tasks.popleft().cancel()
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
         self._acks.clear()
         await self.handle_connection_closed()
         self._reader_stopped.set()
