@@ -232,6 +232,33 @@ def children() -> Iterator[list[Child]]:
             child.stop(graceful=15.0)
 
 
+def child_env() -> dict[str, str]:
+    """Our environment without any ``DEPOT_NODE_*`` setting (each node gets its own)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPOT_NODE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn_child(
+    kids: list[Child],
+    tmp: Path,
+    base_env: dict[str, str],
+    name: str,
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    lines: bool = False,
+    cwd: Path = REPO,
+    program: str = sys.executable,
+) -> Child:
+    """Start a :class:`Child` logging to ``tmp/<name>.log`` and add it to *kids* (so that it is
+    stopped on the way out of :func:`children`)."""
+    log = tmp / f"{name}.log"
+    child = Child(name, args, env=env or base_env, log=log, stdout_lines=lines, cwd=cwd, program=program)
+    kids.append(child)
+    return child
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -663,9 +690,7 @@ class Bench:
         self.tmp = tmp
         self.kids = kids
         self.report = Report()
-        base = {k: v for k, v in os.environ.items() if not k.startswith("DEPOT_NODE_")}
-        base["PYTHONUNBUFFERED"] = "1"
-        self.env = base
+        self.env = child_env()
         # The brokers that take any password get the same device ids as the nodes.
         self.anon_devices = [(f"bench-{i:05d}", "anonymous") for i in range(opts.devices)]
         self.node_src = REPO
@@ -682,11 +707,7 @@ class Bench:
         cwd: Path = REPO,
         program: str = sys.executable,
     ) -> Child:
-        child = Child(
-            name, args, env=env or self.env, log=self.tmp / f"{name}.log", stdout_lines=lines, cwd=cwd, program=program
-        )
-        self.kids.append(child)
-        return child
+        return spawn_child(self.kids, self.tmp, self.env, name, args, env=env, lines=lines, cwd=cwd, program=program)
 
     def retire(self, child: Child, *, graceful: float) -> int | None:
         code = child.stop(graceful=graceful)

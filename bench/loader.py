@@ -326,9 +326,13 @@ def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
-async def connect_all(spec: Spec, tally: Tally) -> list[DeviceConnection]:
+async def connect_all(
+    spec: Spec, tally: Tally, factory: type[DeviceConnection] = DeviceConnection
+) -> list[DeviceConnection]:
+    """Connect every device of *spec* (a *factory* connection each), at most
+    ``connect_concurrency`` CONNECTs at a time; LoadError on a refused CONNECT."""
     loop = asyncio.get_running_loop()
-    conns = [DeviceConnection(d, s, spec, tally) for d, s in spec.devices]
+    conns = [factory(d, s, spec, tally) for d, s in spec.devices]
     gate = asyncio.Semaphore(spec.connect_concurrency)
 
     async def one(conn: DeviceConnection) -> None:

@@ -36,8 +36,8 @@ allocated. Tracing inflates RSS (every traced block carries its traceback), so a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
 import shutil
 import signal
 import sys
@@ -61,9 +61,11 @@ from bench.ingest import (
     BenchError,
     Child,
     NodeProcess,
+    child_env,
     children,
     machine_info,
     register_devices,
+    spawn_child,
     start_node_process,
     verdict,
 )
@@ -138,15 +140,8 @@ class MemoryBench:
         self.opts = opts
         self.tmp = tmp
         self.kids = kids
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DEPOT_NODE_")}
-        self.env["PYTHONUNBUFFERED"] = "1"
-
-    def spawn(
-        self, name: str, args: list[str], *, env: dict[str, str] | None = None, lines: bool = False, cwd: Path = REPO
-    ) -> Child:
-        child = Child(name, args, env=env or self.env, log=self.tmp / f"{name}.log", stdout_lines=lines, cwd=cwd)
-        self.kids.append(child)
-        return child
+        self.env = child_env()
+        self.spawn = functools.partial(spawn_child, kids, tmp, self.env)
 
     def connect(self, name: str, port: int, devices: list[tuple[str, str]]) -> tuple[Child, float]:
         """A loader holding *devices* connected (idle, keep-alive 0) until it is released."""
