@@ -92,6 +92,7 @@ class ModeResult:
     #: Traced bytes (tracemalloc) held per device of step 2, total; and the top sites.
     traced_per_device: float | None = None
     top_sites: list[dict[str, Any]] = field(default_factory=list)
+    top_callers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def marginal_kb(self) -> float:
@@ -253,13 +254,40 @@ class MemoryBench:
                 f"    {site['bytes_per_device']:8.0f} B  {site['blocks_per_device']:5.1f} blocks"
                 f"  {site['file']}:{site['line']}"
             )
+        by_traceback = after.compare_to(before, "traceback")
+        callers: dict[str, list[float]] = {}
+        for stat in by_traceback:
+            frame = owning_frame(stat.traceback)
+            key = f"{short_path(frame.filename)}:{frame.lineno}"
+            entry = callers.setdefault(key, [0.0, 0.0])
+            entry[0] += stat.size_diff
+            entry[1] += stat.count_diff
+        ranked = sorted(callers.items(), key=lambda kv: -kv[1][0])
+        print("  by the innermost line of amqtt or the node that led to the allocation, per device:")
+        for key, (size, count) in ranked[: o.top]:
+            if size <= 0:
+                break
+            res.top_callers.append({"site": key, "bytes_per_device": size / n, "blocks_per_device": count / n})
+            print(f"    {size / n:8.0f} B  {count / n:5.1f} blocks  {key}")
         print("  top tracebacks (oldest frame first, the allocating line last), per device:")
-        for stat in after.compare_to(before, "traceback")[: o.top_tracebacks]:
+        for stat in by_traceback[: o.top_tracebacks]:
             if stat.size_diff <= 0:
                 break
             print(f"    {stat.size_diff / n:8.0f} B  {stat.count_diff / n:5.1f} blocks")
             for frame in list(stat.traceback)[-o.frames_shown :]:
                 print(f"        {short_path(frame.filename)}:{frame.lineno}")
+
+
+#: Code whose lines are named as the owner of an allocation (the rest is stdlib and helpers).
+OWNERS: Final = ("/amqtt/", *(f"{REPO}/{package}/" for package in ("node", "actors", "storage", "web")))
+
+
+def owning_frame(traceback: tracemalloc.Traceback) -> tracemalloc.Frame:
+    """The most recent frame of *traceback* in amqtt or the node; else the allocating one."""
+    for frame in reversed(traceback):
+        if any(owner in frame.filename for owner in OWNERS):
+            return frame
+    return traceback[-1]
 
 
 def short_path(filename: str) -> str:
