@@ -1278,6 +1278,9 @@ class Bench:
         if r.peer_sent:
             print(f"stored       Mosquitto+collector: {r.peer_committed} rows committed of {r.peer_sent} sent")
         shares = [v["core_share"] for v in r.loader.values()]
+        if not shares:
+            print("loader       no phase ran")
+            return
         cpu = sum(v["cpu_s"] for v in r.loader.values())
         print(
             f"loader       {cpu:.2f} s CPU in all phases; {min(shares):.0%}-{max(shares):.0%} of one core"

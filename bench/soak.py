@@ -99,6 +99,9 @@ class SoakReport:
     rss_growth_pct: float = math.nan
     fd_reference: int = 0
     fd_max_after: int = 0
+    #: After the load, every device disconnected and the counters read.
+    fds_idle: int = 0
+    rss_idle_mib: float = math.nan
     problems: list[str] = field(default_factory=list)
 
 
@@ -194,6 +197,9 @@ class Soak:
         if done.get("error") or done.get("timed_out"):
             r.problems.append(f"the loader: {done.get('error') or 'timed out'}")
         r.stored = self.stored(node, devices)
+        time.sleep(2.0)  # the loader has disconnected: what the node holds with no connection
+        r.fds_idle = node.proc.num_fds()
+        r.rss_idle_mib = node.proc.memory_info().rss / MIB
         if not r.sent == r.acked == r.stored:
             r.problems.append(f"sent {r.sent}, acknowledged {r.acked}, stored {r.stored}")
         node.client.close()
@@ -269,7 +275,11 @@ class Soak:
         )
         print(
             f"fds          {first.fds} at the start, {r.fd_reference} after the warm-up, at most {r.fd_max_after}"
-            f" after it, {r.samples[-1].fds} at the end   no growth: {verdict(r.fd_max_after <= r.fd_reference)}"
+            f" after it   no growth: {verdict(r.fd_max_after <= r.fd_reference)}"
+        )
+        print(
+            f"after        every device disconnected: {r.fds_idle} fds, RSS {r.rss_idle_mib:.1f} MiB"
+            f" (before the load, with every device connected: {first.fds} fds)"
         )
         cpu = (r.samples[-1].cpu_s - first.cpu_s) / max(r.acked, 1) * 1000
         print(
