@@ -629,13 +629,13 @@ def mosquitto_conf(port: int) -> str:
     )
 
 
-MOSQUITTO_MISSING: Final = (
-    "no mosquitto binary on PATH or in /usr/sbin: skipping the Mosquitto + collector peer"
-    " (Debian/Ubuntu: apt-get install mosquitto)"
-)
+MOSQUITTO_MISSING: Final = "no mosquitto binary on PATH or in /usr/sbin"
 
 
-def mosquitto_binary() -> str | None:
+def mosquitto_binary(given: str | None) -> str | None:
+    """The mosquitto executable: *given* (if it is one), else from PATH or /usr/sbin."""
+    if given is not None:
+        return shutil.which(given)
     return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
 
 
@@ -1038,10 +1038,11 @@ class Bench:
     # ---- Mosquitto + collector
 
     def start_peer(self) -> PeerHandle | None:
-        exe = mosquitto_binary()
+        exe = mosquitto_binary(self.opts.mosquitto)
         if exe is None:
-            print(MOSQUITTO_MISSING)
-            self.report.skipped["mosquitto"] = MOSQUITTO_MISSING
+            why = MOSQUITTO_MISSING if self.opts.mosquitto is None else f"{self.opts.mosquitto} is not an executable"
+            print(f"{why}: skipping the Mosquitto + collector peer (Debian/Ubuntu: apt-get install mosquitto)")
+            self.report.skipped["mosquitto"] = why
             return None
         port, control = free_port(), free_port()
         conf = self.tmp / "mosquitto.conf"
@@ -1228,7 +1229,8 @@ class Bench:
             return ", ".join(format(getattr(x, attr), spec) for x in rounds)
 
         cpu_us = r.node_cpu_s_per_1000 * 1000  # CPU s per 1,000 msgs x 1,000 = µs per msg
-        print("targets")
+        if have_node or any(not math.isnan(getattr(r, name)) for name in RATIOS):
+            print("targets and ratios")
         if have_node:
             print(
                 f"  node CPU per durable QoS 1 msg   {cpu_us:6.1f} µs  (rounds: "
@@ -1315,6 +1317,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-slow-node", action="store_true", help="skip the node with the fast path off")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare amqtt baseline")
     parser.add_argument("--no-mosquitto", action="store_true", help="skip the Mosquitto + collector peer")
+    parser.add_argument(
+        "--mosquitto", metavar="BINARY", help="the mosquitto executable (default: mosquitto on PATH or in /usr/sbin)"
+    )
     parser.add_argument(
         "--settle-seconds", type=float, default=2.0, help="bare amqtt, peer: count unchanged this long = settled"
     )
