@@ -16,7 +16,8 @@ Conversation with the parent, one JSON object per line on stdout, plain lines on
    broker's hook may still be working through what it already acknowledged);
 4. send DISCONNECT on every connection, close, print ``{"event": "closed"}`` and exit.
 
-Phases: ``saturate`` (every device sends ``messages`` as fast as its in-flight ``window``
+Phases: ``idle`` (no PUBLISH at all: the connections only exist, for ``bench/memory.py``),
+``saturate`` (every device sends ``messages`` as fast as its in-flight ``window``
 allows) and ``paced`` (``rate`` messages per second in total, spread over the devices, for
 ``duration`` seconds; latency is measured from each message's *scheduled* time, so a stalled
 window shows up as latency instead of being hidden).
@@ -92,7 +93,7 @@ class Spec:
     host: str
     port: int
     devices: list[tuple[str, str]]
-    mode: str  # "saturate" | "paced"
+    mode: str  # "idle" | "saturate" | "paced"
     window: int
     messages: int = 0  # saturate: per device
     rate: float = 0.0  # paced: messages per second, all devices together
@@ -325,9 +326,13 @@ def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
-async def connect_all(spec: Spec, tally: Tally) -> list[DeviceConnection]:
+async def connect_all(
+    spec: Spec, tally: Tally, factory: type[DeviceConnection] = DeviceConnection
+) -> list[DeviceConnection]:
+    """Connect every device of *spec* (a *factory* connection each), at most
+    ``connect_concurrency`` CONNECTs at a time; LoadError on a refused CONNECT."""
     loop = asyncio.get_running_loop()
-    conns = [DeviceConnection(d, s, spec, tally) for d, s in spec.devices]
+    conns = [factory(d, s, spec, tally) for d, s in spec.devices]
     gate = asyncio.Semaphore(spec.connect_concurrency)
 
     async def one(conn: DeviceConnection) -> None:
@@ -342,6 +347,18 @@ async def connect_all(spec: Spec, tally: Tally) -> list[DeviceConnection]:
     return conns
 
 
+def message_counts(spec: Spec, n: int) -> list[int]:
+    """How many messages each of the *n* devices sends in the phase."""
+    if spec.mode == "idle":
+        return [0] * n
+    if spec.mode == "saturate":
+        return [spec.messages] * n
+    if spec.mode == "paced":
+        total = round(spec.rate * spec.duration)
+        return [len(range(d, total, n)) for d in range(n)]
+    raise LoadError(f"unknown mode {spec.mode!r}")
+
+
 async def main_async(spec: Spec) -> int:
     stdin = await stdin_reader()
     tally = Tally()
@@ -349,14 +366,7 @@ async def main_async(spec: Spec) -> int:
     conns = await connect_all(spec, tally)
     connect_s = time.monotonic() - t_connect
     try:
-        n = len(conns)
-        if spec.mode == "saturate":
-            counts = [spec.messages] * n
-        elif spec.mode == "paced":
-            total = round(spec.rate * spec.duration)
-            counts = [len(range(d, total, n)) for d in range(n)]
-        else:
-            raise LoadError(f"unknown mode {spec.mode!r}")
+        counts = message_counts(spec, len(conns))
         for conn, count in zip(conns, counts, strict=True):
             conn.prepare(count, spec.boot, spec.seq_start)
         tally.expected = sum(counts)
@@ -369,7 +379,7 @@ async def main_async(spec: Spec) -> int:
         try:
             if spec.mode == "saturate":
                 await run_saturate(conns, spec, tally)
-            else:
+            elif spec.mode == "paced":
                 await run_paced(conns, spec, tally)
         except TimeoutError:
             timed_out = True

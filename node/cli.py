@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import sys
 import urllib.error
@@ -63,11 +64,15 @@ def tune_gc(gen0_threshold: int) -> None:
 @click.option("--http-bind", metavar="HOST:PORT", help="HTTP API listener (default 127.0.0.1:8080).")
 def serve(config: Path | None, data_dir: Path | None, mqtt_bind: str | None, http_bind: str | None) -> None:
     """Run the node until SIGINT or SIGTERM."""
-    from node import logs
+    from node import logs, memtrace
     from node.app import run_node
 
     settings = _settings(config, data_dir=data_dir, mqtt_bind=mqtt_bind, http_bind=http_bind)
     logs.configure(settings.log_level, settings.log_format)
+    try:
+        memtrace.install_from_env(os.environ)  # debug hook, off unless its variable is set
+    except ConfigError as exc:
+        raise click.UsageError(f"configuration error: {exc}") from exc
 
     async def main_() -> None:
         shutdown = anyio.Event()
