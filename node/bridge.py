@@ -60,10 +60,21 @@ class Bridge:
         self.alerts = alerts
         self.broker: NodeBroker | None = None
 
+    def admit(self, parsed: ParsedTopic, topic: str, payload: bytes, done: Completion | None) -> Publish | None:
+        """The one way in for a device's PUBLISH (the ACL was checked already), from the
+        broker's fast path (node.fastpath, per message, so not a coroutine) and from
+        :meth:`ingest`. Hands it to the device's actor; returns it when the actor's mailbox is
+        full, and the caller then awaits ``router.deliver`` (the backpressure)."""
+        msg = Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), done)
+        return None if self.router.deliver_nowait(msg) else msg
+
     async def ingest(self, parsed: ParsedTopic, topic: str, payload: bytes, *, wait: bool) -> Outcome:
-        """Deliver one PUBLISH to its device actor; with *wait*, return once it is durable."""
+        """Deliver one PUBLISH to its device actor; with *wait*, return once it is durable
+        (amqtt's own reader: ``NodeProtocolHandler.handle_publish``, and QoS 2)."""
         if not wait:
-            await self.router.deliver(Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), None))
+            full = self.admit(parsed, topic, payload, None)
+            if full is not None:
+                await self.router.deliver(full)
             return Outcome.DURABLE
         # A bare asyncio future: the cheapest thing to await once per PUBLISH (an anyio Event
         # costs several times more, measured in bench/ingest.py's profile).
@@ -73,8 +84,9 @@ class Bridge:
             if not future.done():  # the PUBLISH task may have been cancelled (disconnect)
                 future.set_result(outcome)
 
-        done = Completion(notify)
-        await self.router.deliver(Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), done))
+        full = self.admit(parsed, topic, payload, Completion(notify))
+        if full is not None:
+            await self.router.deliver(full)
         return await future
 
     async def connected(self, session: Session) -> None:

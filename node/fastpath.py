@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -483,8 +482,7 @@ class FastProtocolHandler(NodeProtocolHandler):
         if qos == QOS_1:
             done = _Ack(packet_id, self._ack_ready)
             self._acks.append(done)
-        msg = Publish(parsed.device_id, parsed.kind, topic, bytes(buf[cursor:end]), time.time(), done)
-        return None if bridge.router.deliver_nowait(msg) else msg
+        return bridge.admit(parsed, topic, bytes(buf[cursor:end]), done)
 
     def _ack_ready(self, outcome: Outcome) -> None:
         """An acknowledgement became ready: a commit's completion (called from the storage
