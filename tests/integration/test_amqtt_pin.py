@@ -16,6 +16,7 @@ import amqtt.broker
 import amqtt.mqtt.packet
 import amqtt.mqtt.protocol.broker_handler
 import amqtt.mqtt.protocol.handler
+import amqtt.session
 
 from node.broker import AMQTT_VERSION
 
@@ -69,6 +70,30 @@ PINNED = {
     "StreamWriterAdapter.__init__": (amqtt.adapters.StreamWriterAdapter.__init__, "9612036ac78e5ab2"),
     "StreamWriterAdapter.write": (amqtt.adapters.StreamWriterAdapter.write, "a204e5a548e08184"),
     "MQTTFixedHeader.__init__": (amqtt.mqtt.packet.MQTTFixedHeader.__init__, "0051f99b0b811f71"),
+    # node/fastpath.py slims idle connections: the client loop it replaces (only the disconnect
+    # wait is kept, then _handle_disconnect as amqtt calls it), the subscription handling it
+    # calls directly instead of through the handler's queues, the session's state machine and
+    # queues it swaps (SessionStates, UNUSED_QUEUE, _LazyQueue).
+    "Broker._client_message_loop": (amqtt.broker.Broker._client_message_loop, "916c4647c3389918"),
+    "Broker._handle_subscription": (amqtt.broker.Broker._handle_subscription, "3dae18afa195209e"),
+    "Broker._handle_unsubscription": (amqtt.broker.Broker._handle_unsubscription, "29253b1b63036d7a"),
+    "Broker._handle_disconnect": (amqtt.broker.Broker._handle_disconnect, "8c3b8702f3567055"),
+    "BrokerProtocolHandler.handle_subscribe": (
+        amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.handle_subscribe,
+        "7625fdfa3a8de496",
+    ),
+    "BrokerProtocolHandler.handle_unsubscribe": (
+        amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.handle_unsubscribe,
+        "90d48fa79285c504",
+    ),
+    "BrokerProtocolHandler.wait_disconnect": (
+        amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.wait_disconnect,
+        "ea4857d4707ef8d9",
+    ),
+    "Subscription.__init__": (amqtt.mqtt.protocol.broker_handler.Subscription.__init__, "5be79d7a161f725a"),
+    "UnSubscription.__init__": (amqtt.mqtt.protocol.broker_handler.UnSubscription.__init__, "c826492606d1d9f0"),
+    "Session.__init__": (amqtt.session.Session.__init__, "ad7888c0daff2038"),
+    "Session._init_states": (amqtt.session.Session._init_states, "63c76988bf4f81ce"),
 }
 
 

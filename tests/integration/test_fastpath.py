@@ -200,3 +200,45 @@ async def test_fallback_to_amqtt_reader_still_ingests(tmp_path: Path) -> None:
         assert sorted(got) == sorted(expected)  # amqtt's reader runs each packet in its own task
         assert len(await node.telemetry("fp-slow")) == stored
         await stop_node(node)
+
+
+def _subscribe(packet_id: int, topic: str, qos: int = 1) -> bytes:
+    body = packet_id.to_bytes(2, "big") + len(topic).to_bytes(2, "big") + topic.encode() + bytes([qos])
+    return bytes([0x82]) + mqtt_raw._varlen(len(body)) + body
+
+
+def _unsubscribe(packet_id: int, topic: str) -> bytes:
+    body = packet_id.to_bytes(2, "big") + len(topic).to_bytes(2, "big") + topic.encode()
+    return bytes([0xA2]) + mqtt_raw._varlen(len(body)) + body
+
+
+async def test_subscribe_and_unsubscribe_are_answered(node: RunningNode) -> None:
+    """The fast path hands SUBSCRIBE/UNSUBSCRIBE to amqtt's own handling (in packet order),
+    without the per-connection queues and loop tasks it removed: the ACL still applies."""
+    secret = await node.register("fp-sub")
+    wire = (
+        _subscribe(1, "iot/fp-sub/commands")
+        + _subscribe(2, "#")
+        + _unsubscribe(3, "iot/fp-sub/commands")
+        + _subscribe(4, "iot/other/commands")
+    )
+
+    def talk() -> list[tuple[int, bytes]]:
+        with socket.create_connection(("127.0.0.1", node.mqtt_port), timeout=10) as sock:
+            sock.sendall(mqtt_raw.connect("fp-sub", "fp-sub", secret))
+            assert mqtt_raw.read_packet(sock)[0] == 2
+            sock.sendall(wire)
+            got = [mqtt_raw.read_packet(sock) for _ in range(4)]
+            sock.sendall(mqtt_raw.DISCONNECT)
+        return got
+
+    # Sorted: amqtt's own loop (broker_fast_path = false) may answer the UNSUBSCRIBE first.
+    got = sorted(await anyio.to_thread.run_sync(talk), key=lambda p: p[1][:2])
+    suback, unsuback = 9, 11
+    assert [(t, b[:2]) for t, b in got] == [
+        (suback, b"\x00\x01"),
+        (suback, b"\x00\x02"),
+        (unsuback, b"\x00\x03"),
+        (suback, b"\x00\x04"),
+    ]
+    assert [b[2] for t, b in got if t == suback] == [1, 0x80, 0x80]  # granted QoS 1; ACL refusals
