@@ -832,6 +832,7 @@ class Bench:
             "DEPOT_NODE_LOG_LEVEL": "warning",
             "DEPOT_NODE_SQLITE_SYNCHRONOUS": o.sync,
             "DEPOT_NODE_BROKER_FAST_PATH": "true" if fast else "false",
+            "DEPOT_NODE_EVENT_LOOP": o.event_loop,
         }
         proc = start_node_process(self.spawn, label, src=self.node_src, env=env, data=self.tmp / f"{label}-data")
         setattr(self.report, f"{label}_rss_start_mib", proc.proc.memory_info().rss / MIB)
@@ -1312,6 +1313,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="latency phase: how long to offer --rate")
     parser.add_argument(
         "--sync", choices=("FULL", "NORMAL"), default="FULL", help="the node's sqlite_synchronous (FULL is its default)"
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the nodes' event loop (setting event_loop)",
     )
     parser.add_argument("--no-node", action="store_true", help="skip the node (fast path on) and the latency phase")
     parser.add_argument("--no-slow-node", action="store_true", help="skip the node with the fast path off")

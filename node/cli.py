@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
 import os
 import signal
 import sys
@@ -76,6 +78,8 @@ def serve(config: Path | None, data_dir: Path | None, mqtt_bind: str | None, htt
 
     async def main_() -> None:
         shutdown = anyio.Event()
+        loop_module = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+        logging.getLogger("node").info("event loop: %s", "uvloop" if loop_module == "uvloop" else "asyncio")
 
         async def watch_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -90,7 +94,7 @@ def serve(config: Path | None, data_dir: Path | None, mqtt_bind: str | None, htt
 
     tune_gc(settings.gc_gen0_threshold)
     try:
-        anyio.run(main_, backend="asyncio")
+        anyio.run(main_, backend="asyncio", backend_options={"use_uvloop": settings.event_loop == "uvloop"})
     except OSError as exc:
         click.echo(f"depot-node: cannot start: {exc}", err=True)
         sys.exit(1)

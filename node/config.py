@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     mqtt_max_packet_bytes: int = Field(default=1024 * 1024, ge=1024, le=268_435_455)
     #: The broker's fast path (node/fastpath.py, ADR 0012); false falls back to amqtt's reader.
     broker_fast_path: bool = True
+    #: The event loop ``serve`` runs on: asyncio's own, or uvloop (ADR 0012, docs/benchmarks.md).
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
     #: The garbage collector's first threshold for ``serve`` (0 keeps Python's default, 2000);
     #: see node.cli.tune_gc.
     gc_gen0_threshold: int = Field(default=10_000, ge=0, le=10_000_000)

@@ -3,6 +3,7 @@ file in a temporary directory, and talk to it over real TCP (MQTT and HTTP)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from storage.sqlite import connect, insert_api_key
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    """asyncio, on uvloop when DEPOT_NODE_EVENT_LOOP=uvloop (the suite passes on both)."""
+    return "asyncio", {"use_uvloop": os.environ.get("DEPOT_NODE_EVENT_LOOP") == "uvloop"}
 
 
 @dataclass

@@ -27,7 +27,8 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-def test_serve_keys_healthcheck_and_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_serve_keys_healthcheck_and_sigterm(tmp_path: Path, event_loop: str) -> None:
     data = tmp_path / "data"
     created = cli("keys", "create", "--role", "admin", "--data-dir", str(data))
     assert created.returncode == 0, created.stderr
@@ -35,7 +36,12 @@ def test_serve_keys_healthcheck_and_sigterm(tmp_path: Path) -> None:
     assert key.startswith("dnk_")
 
     mqtt_port, http_port = free_port(), free_port()
-    env = {**os.environ, "DEPOT_NODE_DATA_DIR": str(data), "DEPOT_NODE_LOG_FORMAT": "json"}
+    env = {
+        **os.environ,
+        "DEPOT_NODE_DATA_DIR": str(data),
+        "DEPOT_NODE_LOG_FORMAT": "json",
+        "DEPOT_NODE_EVENT_LOOP": event_loop,
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "node", "serve", "--mqtt-bind", f"127.0.0.1:{mqtt_port}",
          "--http-bind", f"127.0.0.1:{http_port}"],
@@ -67,6 +73,7 @@ def test_serve_keys_healthcheck_and_sigterm(tmp_path: Path) -> None:
     logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     events = [entry.get("event", "") for entry in logs]
     assert any("listening" in e for e in events)
+    assert f"event loop: {event_loop}" in events
     assert any(e == "stopped" for e in events)
     # The node is gone: healthcheck now fails.
     assert cli("healthcheck", "--http-bind", f"127.0.0.1:{http_port}").returncode == 1

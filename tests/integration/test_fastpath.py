@@ -27,6 +27,18 @@ from tests.payloads import telemetry
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """The fast path on both event loops `serve` can run on (setting event_loop)."""
+    return request.param  # type: ignore[no-any-return]
+
+
 PUBACK, PINGRESP = 4, 13
 PINGREQ = b"\xc0\x00"
 
