@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,17 @@ pytestmark = pytest.mark.anyio
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
     """The fast path on both event loops `serve` can run on (setting event_loop)."""
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[RunningNode]:
+    """A node with the fast path on, whatever DEPOT_NODE_BROKER_FAST_PATH says (these tests
+    pin what only its reader does; the rest of the suite runs both ways)."""
+    key = make_admin_key(tmp_path)
+    async with anyio.create_task_group() as tg:
+        running = await start_node(tg, tmp_path, key, broker_fast_path=True)
+        yield running
+        await stop_node(running)
 
 
 PUBACK, PINGRESP = 4, 13
@@ -187,7 +198,9 @@ async def test_packet_limit_is_a_setting_and_payloads_below_it_are_quarantined(t
     above the packet limit: the connection is closed before the packet is buffered."""
     key = make_admin_key(tmp_path)
     async with anyio.create_task_group() as tg:
-        node = await start_node(tg, tmp_path, key, max_payload_bytes=1024, mqtt_max_packet_bytes=8192)
+        node = await start_node(
+            tg, tmp_path, key, max_payload_bytes=1024, mqtt_max_packet_bytes=8192, broker_fast_path=True
+        )
         secret = await node.register("fp-big")
         connect = mqtt_raw.connect("fp-big", "fp-big", secret)
         big = mqtt_raw.publish("iot/fp-big/telemetry", b"x" * 4000, packet_id=1)
