@@ -165,7 +165,12 @@ def _router(
     *,
     alerts: AlertSink | None = None,
 ) -> Router:
-    actor = DeviceActorConfig(idle_timeout=settings.device_idle_timeout_s, max_payload_bytes=settings.max_payload_bytes)
+    actor = DeviceActorConfig(
+        idle_timeout=settings.device_idle_timeout_s,
+        max_payload_bytes=settings.max_payload_bytes,
+        max_batch_payload_bytes=settings.max_batch_payload_bytes,
+        max_future_skew=settings.telemetry_max_future_skew_s,
+    )
     config = RouterConfig(mailbox_capacity=settings.device_mailbox, actor=actor)
     return Router(store, writer, stats, config, fault_hook=faults.device, alerts=alerts)
 

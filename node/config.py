@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     #: ``FULL`` survives power loss; ``NORMAL`` only a crash of the process (fewer fsyncs).
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     max_payload_bytes: int = Field(default=16 * 1024, ge=256, le=256 * 1024 * 1024)
+    #: Limit of a batched telemetry payload (up to 1,000 readings); a single reading keeps
+    #: ``max_payload_bytes``.
+    max_batch_payload_bytes: int = Field(default=512 * 1024, ge=256, le=256 * 1024 * 1024)
+    #: A reading whose device time is further ahead of the node's clock is quarantined.
+    telemetry_max_future_skew_s: float = Field(default=300.0, ge=0)
     max_connections: int = Field(default=0, ge=0, description="0 means unlimited")
     device_mailbox: int = Field(default=1024, ge=1, le=1_000_000)
     device_idle_timeout_s: float = Field(default=300.0, gt=0)
@@ -91,6 +96,8 @@ class Settings(BaseSettings):
     #: stale_boot: cleared after this long without a stale reading (0, the default = never:
     #: the quarantined readings need someone to look at them).
     alert_stale_boot_clear_after_s: float = Field(default=0.0, ge=0)
+    #: implausible_value: cleared after this long without an implausible reading (0 = never).
+    alert_implausible_clear_after_s: float = Field(default=3600.0, ge=0)
 
     @classmethod
     def settings_customise_sources(

@@ -563,7 +563,8 @@ class ProtocolMachine(RuleBasedStateMachine):
             case "no_m":
                 del doc["m"]
             case "cbor":
-                topic, reason = f"iot/{meter.device_id}/telemetry/cbor", "unsupported_encoding"
+                # JSON on the CBOR topic: "{" opens a CBOR text string longer than the payload.
+                topic, reason = f"iot/{meter.device_id}/telemetry/cbor", "not_cbor"
             case "too_large":
                 doc["padding"] = "x" * 16384
                 reason = "payload_too_large"

@@ -67,7 +67,8 @@ async def create_device(data: DeviceCreate) -> tuple[DeviceCreated, int, dict[st
     # Argon2 costs ~20 ms of CPU: a worker thread, so the event loop keeps serving meters.
     secret_hash = await anyio.to_thread.run_sync(hash_device_secret, secret)
     try:
-        created = await services().store.insert_device(data.device_id, data.type, data.name, secret_hash)
+        supply = None if data.supply is None else data.supply.value
+        created = await services().store.insert_device(data.device_id, data.type, data.name, secret_hash, supply)
     except DeviceExists as exc:
         raise ApiError(HTTPStatus.CONFLICT, f"device {data.device_id!r} already exists", type_=DEVICE_EXISTS) from exc
     body = DeviceCreated(
@@ -76,6 +77,7 @@ async def create_device(data: DeviceCreate) -> tuple[DeviceCreated, int, dict[st
         name=data.name,
         created_at=epoch_to_ts(created),
         revoked=False,
+        supply=data.supply,
         secret=secret,
     )
     return body, HTTPStatus.CREATED, {"Location": f"{bp.url_prefix}/{data.device_id}"}
