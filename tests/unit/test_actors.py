@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import cbor2
 import pytest
 import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from actors.alerts import AlertRule, AlertSignal, AlertSink
 from actors.device import DeviceActorConfig
 from actors.messages import Completion, DeviceMessage, Link, LinkEvent, Outcome, Publish
 from actors.router import Router, RouterConfig
@@ -34,7 +36,7 @@ from actors.writer import StorageWriter, WriteRequest
 from storage.contract import Measurements, QuarantineReason, TopicKind, format_ts, topic_for
 from storage.errors import StorageError
 from storage.records import DeviceBatch, DeviceStateRecord, RawMessage, TelemetryRow
-from storage.validation import DeviceContext, DeviceProfile, RegisterMark
+from storage.validation import DeviceContext, DeviceProfile, RegisterMark, SupplySystem
 
 #: A test that has not finished after this much virtual time is stuck (a completion that never
 #: resolves, a close that never returns); fail it instead of letting the clock jump forever.
@@ -200,12 +202,13 @@ async def running_node(
     *,
     config: RouterConfig | None = None,
     fault_hook: FaultHook | None = None,
+    alerts: AlertSink | None = None,
 ) -> AsyncIterator[Node]:
     """A writer and a router in a nursery, closed in shutdown order (router, then writer)."""
     store = store if store is not None else FakeStore()
     stats = IngestStats()
     writer = StorageWriter(store, stats)
-    router = Router(store, writer, stats, config, fault_hook=fault_hook)
+    router = Router(store, writer, stats, config, fault_hook=fault_hook, alerts=alerts)
     try:
         with trio.fail_after(STUCK_AFTER):
             async with trio.open_nursery() as nursery:
@@ -657,3 +660,130 @@ def test_the_node_stores_what_the_tracker_decides(chunks: list[list[tuple[str, i
         assert store.stored(dev) == expected[dev]
         if tracker.state.boot is not None:
             assert store.counters(dev) == tracker.counters.as_dict()
+
+
+# -- batches, CBOR and the validation rules in the actor ------------------------------------------
+
+
+def batch_payload(device_id: str, boot: int, seqs: Iterable[int], **per_seq: dict[str, Any]) -> bytes:
+    """A batched message of the readings *seqs*; ``per_seq["s3"]`` overrides fields of seq 3."""
+    readings = []
+    for seq in seqs:
+        doc = json.loads(telemetry(device_id, boot, seq))
+        del doc["v"], doc["device_id"]
+        doc.update(per_seq.get(f"s{seq}", {}))
+        readings.append(doc)
+    return json.dumps({"v": 2, "device_id": device_id, "readings": readings}).encode()
+
+
+@pytest.mark.trio
+async def test_a_batch_is_one_group_and_a_bad_reading_is_quarantined_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FakeStore(hold=trio.Event())
+    async with running_node(store) as node:
+        payload = batch_payload("emu-1", 1, range(5), s2={"seq": "two"})
+        msg = publish("emu-1", payload=payload)
+        await node.router.deliver(msg)
+        await trio.testing.wait_all_tasks_blocked()
+        # Acknowledged only once every reading is committed: the commit is held.
+        assert done_of(msg).outcome is None
+        assert store.attempts
+        store.hold.set()
+        assert await done_of(msg).wait() is Outcome.DURABLE
+        assert store.stored("emu-1") == {(1, 0), (1, 1), (1, 3), (1, 4)}
+        assert store.counters("emu-1") == counters(received=5, stored=4, quarantined=1, missing=1)
+        # One raw payload archived for the whole batch, holding four rows and one quarantine.
+        ((dev, raw),) = store.archived
+        assert [r.seq for r in raw.telemetry] == [0, 1, 3, 4]
+        assert [(q.reason, q.detail.split(":")[0]) for q in raw.quarantine] == [
+            (QuarantineReason.SCHEMA, "readings[2]")
+        ]
+        # The resend of the whole batch: every good reading is a duplicate now.
+        assert await node.send(publish("emu-1", payload=payload)) == [Outcome.DURABLE]
+        assert store.counters("emu-1")["duplicates"] == 4
+        assert len(store.archived) == 2  # the bad reading was quarantined again
+
+
+@pytest.mark.trio
+async def test_cbor_single_and_batch_give_the_rows_of_json(autojump_clock: trio.testing.MockClock) -> None:
+    async with running_node() as node:
+        single = json.loads(telemetry("j-1", 1, 0))
+        batch = json.loads(batch_payload("j-1", 1, range(1, 4)))
+        await node.send(
+            publish("j-1", payload=telemetry("j-1", 1, 0)), publish("j-1", payload=json.dumps(batch).encode())
+        )
+        single["device_id"] = batch["device_id"] = "c-1"
+        cbor = TopicKind.TELEMETRY_CBOR
+        await node.send(
+            publish("c-1", payload=cbor2.dumps(single), kind=cbor),
+            publish("c-1", payload=cbor2.dumps(batch), kind=cbor),
+        )
+        rows = node.store.rows
+        assert {k[1:]: v for k, v in rows.items() if k[0] == "c-1"} == {
+            k[1:]: v for k, v in rows.items() if k[0] == "j-1"
+        }
+        assert len(rows) == 8
+
+
+@pytest.mark.trio
+async def test_validation_rules_quarantine_and_raise_implausible_value(autojump_clock: trio.testing.MockClock) -> None:
+    signals: list[AlertSignal] = []
+    store = FakeStore(profiles={"ac-1": DeviceProfile("ac_meter", SupplySystem.AC_25K)})
+    ac = {
+        "voltage_v": 25100.0,
+        "current_a": 50.0,
+        "power_kw": 1200.0,
+        "energy_import_kwh": 10.0,
+        "energy_export_kwh": 1.0,
+        "frequency_hz": 50.0,
+        "power_factor": 0.97,
+    }
+    async with running_node(store, alerts=signals.append) as node:
+        payload = batch_payload(
+            "ac-1",
+            1,
+            range(6),
+            s0={"m": ac},
+            s1={"m": {**ac, "frequency_hz": None}},  # null is absent: an AC meter must send it
+            s2={"m": {**ac, "voltage_v": 5000.0}},  # neither a 25 kV line nor a dead one
+            s3={"m": {**ac, "energy_import_kwh": 9.5}},  # the register went down
+            s4={"m": ac, "ts": "2027-01-01T00:00:00Z"},  # from the future
+            s5={"m": {**ac, "energy_import_kwh": 10.5}},
+        )
+        assert await node.send(publish("ac-1", payload=payload)) == [Outcome.DURABLE]
+    assert store.stored("ac-1") == {(1, 0), (1, 5)}
+    reasons = [(r, q) for r, q in store.quarantined]
+    assert reasons == [
+        ("ac-1", QuarantineReason.MISSING_TYPE_FIELD),
+        ("ac-1", QuarantineReason.IMPLAUSIBLE_VOLTAGE),
+        ("ac-1", QuarantineReason.REGISTER_DECREASED),
+        ("ac-1", QuarantineReason.FUTURE_TIMESTAMP),
+    ]
+    # Quarantined readings were received: no gap, and they count as quarantined.
+    assert store.counters("ac-1") == counters(received=6, stored=2, quarantined=4)
+    implausible = [s for s in signals if s.rule is AlertRule.IMPLAUSIBLE_VALUE]
+    assert [(s.count, s.detail.split(":")[0]) for s in implausible] == [(2, "readings[3]")]
+    (burst,) = [s for s in signals if s.rule is AlertRule.QUARANTINE_BURST]
+    assert burst.count == 4
+
+
+@pytest.mark.trio
+async def test_registers_survive_a_restart_of_the_actor(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore()
+    async with running_node(store) as node:
+        await node.send(publish("emu-1", 3, 10), publish("emu-1", 3, 11))
+    # A new node on the same store: the actor reloads the registers of (3, 11) from the rows.
+    low = json.loads(telemetry("emu-1", 3, 12))
+    low["m"]["energy_import_kwh"] = 1.0
+    async with running_node(store) as node:
+        await node.send(publish("emu-1", payload=json.dumps(low).encode()))
+        assert store.quarantined == [("emu-1", QuarantineReason.REGISTER_DECREASED)]
+        # A redelivery of the quarantined reading is a duplicate: its seq was seen.
+        await node.send(publish("emu-1", payload=json.dumps(low).encode()))
+        assert store.counters("emu-1") == counters(received=4, stored=2, quarantined=1, duplicates=1)
+        # A reboot starts the registers afresh.
+        low["boot"] = 4
+        low["seq"] = 0
+        await node.send(publish("emu-1", payload=json.dumps(low).encode()))
+        assert (4, 0) in store.stored("emu-1")
