@@ -37,6 +37,8 @@ from storage.contract import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     Batch,
     Encoding,
+    Location,
+    Measurements,
     QuarantineReason,
     Reading,
     TopicKind,
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+_DUMP_M = Measurements.__pydantic_serializer__.to_json
+_DUMP_LOC = Location.__pydantic_serializer__.to_json
 _ENCODINGS = {TopicKind.TELEMETRY: Encoding.JSON, TopicKind.TELEMETRY_CBOR: Encoding.CBOR}
 #: Rejections that are physically implausible values, which also raise ``implausible_value``.
 _IMPLAUSIBLE = frozenset({QuarantineReason.IMPLAUSIBLE_VOLTAGE, QuarantineReason.REGISTER_DECREASED})
@@ -328,10 +332,12 @@ class DeviceActor:
 
 
 def _row(reading: Reading) -> TelemetryRow:
+    loc = reading.loc
     return TelemetryRow(
-        boot=reading.boot,
-        seq=reading.seq,
-        ts_ms=(reading.ts - _EPOCH) // _MS,
-        m_json=reading.measurements.model_dump_json(exclude_none=True),
-        loc_json=reading.loc.model_dump_json() if reading.loc is not None else None,
+        reading.boot,
+        reading.seq,
+        (reading.ts - _EPOCH) // _MS,
+        # The serializer itself: model_dump_json() is a Python wrapper around the same call.
+        _DUMP_M(reading.m, exclude_none=True).decode(),
+        None if loc is None else _DUMP_LOC(loc).decode(),
     )

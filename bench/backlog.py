@@ -39,7 +39,7 @@ import httpx
 # Run as a script (``python bench/backlog.py``): the repository root holds the bench package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ingest import MIB, Bench, BenchError, _terminate, children, machine_info, node_source  # noqa: E402
+from bench.ingest import MIB, Bench, BenchError, _terminate, children, machine_info, node_source
 
 TARGET_READINGS_S: Final = 50_000.0
 

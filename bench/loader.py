@@ -187,7 +187,9 @@ class DeviceConnection(asyncio.Protocol):
             ]
         else:
             payloads = [telemetry(self.device_id, boot, seq_start + i) for i in range(count)]
-        self.packets = [encode_publish(topic, payload, packet_id=packet_id_for(i)) for i, payload in enumerate(payloads)]
+        self.packets = [
+            encode_publish(topic, payload, packet_id=packet_id_for(i)) for i, payload in enumerate(payloads)
+        ]
         self.scheduled = [0.0] * count
         self.sent_at = [0.0] * count
         self.acked_at = [0.0] * count

@@ -694,7 +694,7 @@ async def test_a_batch_is_one_group_and_a_bad_reading_is_quarantined_alone(
         assert store.stored("emu-1") == {(1, 0), (1, 1), (1, 3), (1, 4)}
         assert store.counters("emu-1") == counters(received=5, stored=4, quarantined=1, missing=1)
         # One raw payload archived for the whole batch, holding four rows and one quarantine.
-        ((dev, raw),) = store.archived
+        ((_dev, raw),) = store.archived
         assert [r.seq for r in raw.telemetry] == [0, 1, 3, 4]
         assert [(q.reason, q.detail.split(":")[0]) for q in raw.quarantine] == [
             (QuarantineReason.SCHEMA, "readings[2]")

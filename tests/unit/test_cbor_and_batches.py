@@ -23,7 +23,7 @@ from storage.contract import (
     format_ts,
 )
 from tests.payloads import reading
-from tests.unit.test_contract import device_ids, instants, valid_payloads
+from tests.unit.test_contract import device_ids, valid_payloads
 
 CBOR = Encoding.CBOR
 

@@ -7,6 +7,7 @@ the rule under test, and every reading on the right side of its boundary is acce
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import assume, given
@@ -50,7 +51,7 @@ def measurements(voltage: float = 1500.0, **values: float | None) -> Measurement
 
 
 def reading(m: Measurements, *, boot: int = 1, seq: int = 10, ts: datetime = NOW - timedelta(hours=1)) -> Reading:
-    return Reading(boot=boot, seq=seq, ts=ts, measurements=m, loc=None)
+    return Reading(boot=boot, seq=seq, ts=ts, m=m)
 
 
 def check(r: Reading, profile: DeviceProfile | None, *, skew: float = 300.0, mark: RegisterMark | None = None):  # type: ignore[no-untyped-def]
@@ -150,7 +151,7 @@ def test_voltage_boundaries_are_inclusive_and_a_dead_line_is_fine(supply: Supply
 
 @given(
     st.floats(min_value=0, max_value=3600, allow_nan=False),
-    st.integers(min_value=-10**9, max_value=10**9).map(lambda ms: timedelta(milliseconds=ms)),
+    st.integers(min_value=-(10**9), max_value=10**9).map(lambda ms: timedelta(milliseconds=ms)),
 )
 def test_future_device_time_beyond_the_skew_is_refused(skew: float, ahead: timedelta) -> None:
     profile = DeviceProfile("dc_meter", SupplySystem.DC_1500)
@@ -183,7 +184,7 @@ def test_registers_in_order_are_accepted_exactly_when_they_never_decrease(values
         else:
             assert result.reason is QuarantineReason.REGISTER_DECREASED
     # Whatever was accepted is non-decreasing: what the protocol promises to readers.
-    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(accepted, accepted[1:], strict=False))
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in itertools.pairwise(accepted))
 
 
 @given(registers, registers, st.integers(0, 100), st.integers(0, 100))
@@ -243,7 +244,7 @@ def test_the_first_failure_decides_the_reason() -> None:
             m = m.model_copy(update={"voltage_v": 15000.0})
         elif fix == "registers":
             m = m.model_copy(update={"energy_import_kwh": 2000.0})
-        r = Reading(r.boot, r.seq, NOW if fix == "time" else r.ts, m, None)
+        r = Reading(boot=r.boot, seq=r.seq, ts=NOW if fix == "time" else r.ts, m=m)
     assert check(r, profile, mark=mark) is None
     assert reasons == [
         QuarantineReason.MISSING_TYPE_FIELD,
