@@ -218,9 +218,11 @@ def parse_rfc3339(value: object) -> datetime:
     try:
         # The common case, once the pattern has matched: Python 3.11+ reads "Z" and any number
         # of fraction digits (truncating past 6). Six times faster than the general path below.
-        return datetime.fromisoformat(value).astimezone(UTC)
+        parsed = datetime.fromisoformat(value)
     except ValueError:
         pass
+    else:
+        return parsed if parsed.tzinfo is UTC else parsed.astimezone(UTC)
     text = value.upper().replace("Z", "+00:00")
     if "." in text:
         # fromisoformat takes at most 6 fraction digits; RFC 3339 allows more.

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, NamedTuple
 
 from storage.contract import Measurements, QuarantineReason, Reading, Rejection
 
@@ -122,9 +122,12 @@ class DeviceProfile:
         return voltage_range(self.device_type, self.supply)
 
 
-@dataclass(frozen=True, slots=True)
-class RegisterMark:
-    """The registers of the newest stored reading (highest ``seq``) of a boot."""
+class RegisterMark(NamedTuple):
+    """The registers of the newest stored reading (highest ``seq``) of a boot.
+
+    A named tuple: one is made for nearly every reading stored, and a frozen dataclass's
+    ``__init__`` cost 15 % of the device actor's time on the batch path (py-spy).
+    """
 
     boot: int
     seq: int
@@ -181,19 +184,28 @@ def check_reading(
 
 
 def _check_registers(m: Measurements, mark: RegisterMark, *, newer: bool) -> Rejection | None:
+    known = mark.measurements
+    # The common case first: the two energy registers (always there) are in order and there
+    # are no reactive ones (only some AC meters send those).
+    if m.reactive_import_kvarh is None and m.reactive_export_kvarh is None:
+        imp, exp = m.energy_import_kwh, m.energy_export_kwh
+        if newer and imp >= known.energy_import_kwh and exp >= known.energy_export_kwh:
+            return None
+        if not newer and imp <= known.energy_import_kwh and exp <= known.energy_export_kwh:
+            return None
     for name in REGISTERS:
-        value, known = getattr(m, name), getattr(mark.measurements, name)
-        if value is None or known is None:
+        value, was = getattr(m, name), getattr(known, name)
+        if value is None or was is None:
             continue
-        if newer and value < known:
+        if newer and value < was:
             return Rejection(
                 QuarantineReason.REGISTER_DECREASED,
-                f"{name} {value!r} is less than {known!r} at seq {mark.seq} of the same boot",
+                f"{name} {value!r} is less than {was!r} at seq {mark.seq} of the same boot",
             )
-        if not newer and value > known:
+        if not newer and value > was:
             return Rejection(
                 QuarantineReason.REGISTER_DECREASED,
-                f"{name} {value!r} of a late reading is more than {known!r} at the newer seq {mark.seq}",
+                f"{name} {value!r} of a late reading is more than {was!r} at the newer seq {mark.seq}",
             )
     return None
 
