@@ -1,9 +1,9 @@
 """The device actor: one per device, the only place that decides what a device's data means.
 
-It decodes and validates each PUBLISH (JSON or CBOR, one reading or a batch of them), applies
-the validation rules that need the device's context (:mod:`storage.validation`: fields by device
-type, voltage range of its supply system, clock skew, registers never decreasing within a boot),
-runs the sequence tracker for every reading, keeps liveness (online,
+It decodes and validates each PUBLISH (JSON or CBOR, one reading or a batch of them), runs
+the sequence tracker and the validation rules that need the device (:mod:`storage.validation`:
+fields by device type, the voltage range of its supply system, clock skew, registers never
+decreasing within a boot) for every reading, keeps liveness (online,
 last seen) and hands the result of every drained batch to the storage writer as one
 :class:`~storage.records.DeviceBatch`, together with the completions the broker is waiting
 on. It never acknowledges anything itself: a completion resolves when the writer committed.
@@ -13,8 +13,9 @@ quarantines) and when its link went down or up (see :mod:`actors.alerts`).
 On start it first waits for the writer to commit everything already submitted (so a restarted
 actor never reads state older than what is on its way to disk), then loads its state from
 the store, with its profile (type, supply system) and the registers of the newest stored
-reading of its current boot. An exception while handling a batch fails that batch's completions (those messages
-are not acknowledged, so the device resends them) and propagates to the supervisor.
+reading of its current boot. An exception while handling a batch fails that batch's
+completions (those messages are not acknowledged, so the device resends them) and propagates
+to the supervisor.
 """
 
 from __future__ import annotations
