@@ -116,6 +116,7 @@ class DeviceActor:
         self._profile: DeviceProfile | None = None
         self._voltages: VoltageRange | None = None
         self._registers: RegisterMark | None = None
+        self._profile_stale = False
 
     async def run(self) -> None:
         await self._writer.barrier()
@@ -155,6 +156,10 @@ class DeviceActor:
                 continue
             await self._handle_batch(batch)
 
+    def reload_profile(self) -> None:
+        """Take the device's registration from the store again before the next batch."""
+        self._profile_stale = True
+
     async def _handle_batch(self, batch: list[DeviceMessage]) -> None:
         completions: list[Completion] = []
         self._events = []
@@ -163,6 +168,12 @@ class DeviceActor:
         self._stale = 0
         self._implausible = 0
         try:
+            if self._profile_stale:
+                # Inside the try: when the store fails, this batch's completions fail too.
+                self._profile_stale = False
+                profile = (await self._store.load_device_context(self.device_id, None)).profile
+                self._profile = profile
+                self._voltages = None if profile is None else profile.voltages
             messages: list[RawMessage] = []
             for item in batch:
                 if self._fault_hook is not None:

@@ -111,7 +111,18 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
         await bridge.disconnect(device_id)
 
     readiness = {"storage": False, "broker": False, "http": False}
-    services = WebServices(reader=reader, store=store, stats=stats, readiness=readiness, on_revoked=on_revoked)
+
+    async def on_device_changed(device_id: str) -> None:
+        router.device_changed(device_id)
+
+    services = WebServices(
+        reader=reader,
+        store=store,
+        stats=stats,
+        readiness=readiness,
+        on_revoked=on_revoked,
+        on_device_changed=on_device_changed,
+    )
     app = create_app(services)
 
     hc, http_addr = _http_config(settings.http_bind)

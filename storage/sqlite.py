@@ -89,6 +89,14 @@ class SqliteStore:
 
         return await self._run(run)
 
+    async def set_device_supply(self, device_id: str, supply: str | None) -> bool:
+        """Set (or, with None, clear) a device's supply system; False when there is no such device."""
+
+        def run(c: sqlite3.Connection) -> bool:
+            return c.execute("UPDATE devices SET supply = ? WHERE device_id = ?", (supply, device_id)).rowcount == 1
+
+        return await self._run(run)
+
     async def revoke_device(self, device_id: str) -> bool:
         """Mark *device_id* revoked; False when there is no such active device."""
 

@@ -122,6 +122,14 @@ class DeviceCreate(BaseModel):
         return self
 
 
+class DeviceUpdate(BaseModel):
+    """What may change in a registration: the supply system (null: none, the widest range)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    supply: SupplySystem | None
+
+
 class Device(BaseModel):
     """A registered device."""
 

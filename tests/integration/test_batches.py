@@ -163,3 +163,20 @@ async def test_validation_rules_quarantine_alert_and_survive_a_restart(tmp_path:
         assert device["counters"]["quarantined"] == 3
         assert device["counters"]["missing"] == 0  # quarantined readings were received
         await stop_node(node)
+
+
+async def test_a_supply_set_later_applies_to_the_running_actor(node: RunningNode) -> None:
+    secret = await register(node, "legacy-1")  # no supply: any DC voltage from 400 V to 3900 V
+    topic = "iot/legacy-1/telemetry"
+    first = [(topic, telemetry("legacy-1", 1, 0))]  # 1512.3 V
+    await anyio.to_thread.run_sync(publish_and_wait_for_pubacks, node.mqtt_port, "legacy-1", secret, first)
+    assert [r["seq"] for r in await node.telemetry("legacy-1")] == [0]
+    async with node.http() as client:
+        resp = await client.patch("/api/v1/devices/legacy-1", json={"supply": "dc_750v"})
+    assert resp.status_code == 200, resp.text
+    # The device's actor is still running (it retires only after 300 s idle): it reloads.
+    second = [(topic, telemetry("legacy-1", 1, 1))]
+    await anyio.to_thread.run_sync(publish_and_wait_for_pubacks, node.mqtt_port, "legacy-1", secret, second)
+    assert [r["seq"] for r in await node.telemetry("legacy-1")] == [0]
+    (item,) = (await node.get("/api/v1/quarantine", device_id="legacy-1"))["items"]
+    assert item["reason"] == "implausible_voltage"

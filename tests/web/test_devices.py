@@ -243,3 +243,37 @@ async def test_a_supply_of_another_type_or_unknown_is_refused(
     response = await client.post(DEVICES, json={"device_id": "m-1", "type": type_, "supply": supply}, headers=admin)
     problem = await assert_problem(response, 422)
     assert "supply" in json.dumps(problem)
+
+
+async def test_set_the_supply_of_a_registered_device(
+    client: Client, admin: Headers, viewer: Headers, register: Register, changed: list[str]
+) -> None:
+    await register("old-1")  # registered without a supply, like every device before migration 8
+    response = await client.patch(f"{DEVICES}/old-1", json={"supply": "dc_750v"}, headers=admin)
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    body = await response.get_json()
+    assert body["supply"] == "dc_750v"
+    assert body["counters"]["received"] == 0
+    assert changed == ["old-1"]  # the running actor is told to reload it
+    shown = await (await client.get(f"{DEVICES}/old-1", headers=viewer)).get_json()
+    assert shown["supply"] == "dc_750v"
+    cleared = await client.patch(f"{DEVICES}/old-1", json={"supply": None}, headers=admin)
+    assert (await cleared.get_json())["supply"] is None
+
+
+async def test_setting_the_supply_is_refused_when_wrong(
+    client: Client, admin: Headers, viewer: Headers, register: Register, changed: list[str]
+) -> None:
+    await register("dc-1")
+    problem = await assert_problem(
+        await client.patch(f"{DEVICES}/dc-1", json={"supply": "ac_25kv_50hz"}, headers=admin), 422
+    )
+    assert "not a supply of a dc_meter" in problem["detail"]
+    await assert_problem(await client.patch(f"{DEVICES}/dc-1", json={"supply": "dc_1200v"}, headers=admin), 422)
+    await assert_problem(await client.patch(f"{DEVICES}/dc-1", json={}, headers=admin), 422)
+    await assert_problem(
+        await client.patch(f"{DEVICES}/dc-1", json={"supply": None, "type": "ac_meter"}, headers=admin), 422
+    )
+    await assert_problem(await client.patch(f"{DEVICES}/nope-1", json={"supply": None}, headers=admin), 404)
+    await assert_problem(await client.patch(f"{DEVICES}/dc-1", json={"supply": None}, headers=viewer), 403)
+    assert changed == []
