@@ -787,3 +787,55 @@ async def test_registers_survive_a_restart_of_the_actor(autojump_clock: trio.tes
         low["seq"] = 0
         await node.send(publish("emu-1", payload=json.dumps(low).encode()))
         assert (4, 0) in store.stored("emu-1")
+
+
+# Readings of one device: boots 0..2 and seqs 0..12 (so duplicates, gaps, late fills and stale
+# boots occur), each good or broken in one of the ways a rule catches; batches of 1..6.
+BROKEN = {
+    "good": {},
+    "schema": {"seq": "seven"},
+    "voltage": {"m": {"voltage_v": 5000.0, "current_a": 1.0, "power_kw": 1.0, "energy_import_kwh": 1e6,
+                      "energy_export_kwh": 1e6}},
+    "register": {"m": {"voltage_v": 1500.0, "current_a": 1.0, "power_kw": 1.0, "energy_import_kwh": 0.5,
+                       "energy_export_kwh": 0.0}},
+    "future": {"ts": "2099-01-01T00:00:00Z"},
+}  # fmt: skip
+batched_readings = st.lists(
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12), st.sampled_from(sorted(BROKEN))), min_size=1, max_size=6),
+    min_size=1,
+    max_size=6,
+)
+
+
+@given(batches=batched_readings)
+def test_a_batch_is_judged_exactly_as_its_readings_sent_one_by_one(
+    batches: list[list[tuple[int, int, str]]],
+) -> None:
+    """PROTOCOL.md: each reading of a batch follows every rule of a single message."""
+
+    def doc(boot: int, seq: int, kind: str) -> dict[str, Any]:
+        d = json.loads(telemetry("emu-1", boot, seq))
+        d.update(BROKEN[kind])
+        return d
+
+    async def scenario(form: str) -> FakeStore:
+        store = FakeStore(profiles={"emu-1": DeviceProfile("dc_meter", SupplySystem.DC_1500)})
+        async with running_node(store) as node:
+            for readings in batches:
+                docs = [doc(*r) for r in readings]
+                if form == "batches":
+                    body = {"v": 2, "device_id": "emu-1", "readings": [{**d, "v": None} for d in docs]}
+                    sent = [publish("emu-1", payload=json.dumps(body).encode())]
+                else:
+                    sent = [publish("emu-1", payload=json.dumps(d).encode()) for d in docs]
+                assert await node.send(*sent) == [Outcome.DURABLE] * len(sent)
+        return store
+
+    batched = trio.run(scenario, "batches", clock=trio.testing.MockClock(autojump_threshold=0))
+    single = trio.run(scenario, "singles", clock=trio.testing.MockClock(autojump_threshold=0))
+    assert batched.rows == single.rows
+    assert batched.counters("emu-1") == single.counters("emu-1")
+    assert batched.quarantined == single.quarantined
+    assert batched.rows_twice == single.rows_twice == []
+    # One raw payload per batch that stored or quarantined anything, one per such single message.
+    assert len(batched.archived) <= len(batches)
