@@ -314,7 +314,9 @@ def decode_telemetry(
         pass
     try:
         doc = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and an integer too long to convert (CPython
+        # refuses more than 4,300 digits, which fit easily in 16 KiB).
         return Rejection(QuarantineReason.NOT_UTF8_JSON, _short(str(exc)))
     return _from_document(doc, device_id, size, max_bytes)
 
@@ -335,12 +337,12 @@ def _from_document(doc: Any, device_id: str, size: int, max_bytes: int) -> Decod
         return Rejection(QuarantineReason.SCHEMA, "payload must be an object (a JSON object or a CBOR map)")
     version = doc.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        return Rejection(QuarantineReason.UNSUPPORTED_VERSION, f"unsupported protocol version {_short(repr(version))}")
+        return Rejection(QuarantineReason.UNSUPPORTED_VERSION, f"unsupported protocol version {_describe(version)}")
     claimed = doc.get("device_id")
     if claimed != device_id:
         return Rejection(
             QuarantineReason.DEVICE_MISMATCH,
-            f"device_id {_short(repr(claimed))} does not match the publishing device {device_id!r}",
+            f"device_id {_describe(claimed)} does not match the publishing device {device_id!r}",
         )
     if "readings" in doc:
         return _batch(doc)
@@ -380,6 +382,17 @@ def _schema_detail(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
         parts.append(f"{loc}: {err['msg']}")
     return _short("; ".join(parts))
+
+
+def _describe(value: object) -> str:
+    """A short repr of a value from a payload, whatever it is (an integer of 10,000 digits has
+    no repr, a list nested 10,000 deep overflows it)."""
+    if isinstance(value, int) and value.bit_length() > 64:  # noqa: PLR2004 - wider than any field
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        return _short(repr(value))
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -210,3 +210,61 @@ def test_size_limits_of_single_and_batched_messages() -> None:
     result = decode_telemetry(sneaky, device_id="m-1")
     assert isinstance(result, Rejection)
     assert result.reason is QuarantineReason.PAYLOAD_TOO_LARGE
+
+
+# Any CBOR value: the leaves include integers far wider than any field (CPython refuses to
+# print more than 4,300 digits) and every scalar type; containers nest up to ~6 levels.
+cbor_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.integers(min_value=2**64).map(lambda n: n**40),
+        st.floats(),
+        st.text(max_size=20),
+        st.binary(max_size=20),
+    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=20,
+)
+
+
+@given(st.sampled_from(["v", "device_id", "boot", "seq", "ts", "m", "loc", "readings"]), cbor_values, st.booleans())
+def test_any_value_in_any_field_is_quarantined_or_accepted_never_raised(field: str, value: Any, batch: bool) -> None:
+    doc: dict[str, Any] = reading("m-1", 1, 0)
+    if batch:
+        doc = {"v": 2, "device_id": "m-1", "readings": [strip(doc)]}
+        target = doc if field in ("v", "device_id", "readings") else doc["readings"][0]
+    else:
+        target = doc
+    target[field] = value
+    for payload, enc in ((cbor2.dumps(doc), CBOR), (_json_or_none(doc), Encoding.JSON)):
+        if payload is None:
+            continue
+        result = decode_telemetry(payload, device_id="m-1", max_batch_bytes=1 << 20, encoding=enc)
+        assert isinstance(result, Reading | Rejection | Batch)
+
+
+def _json_or_none(doc: dict[str, Any]) -> bytes | None:
+    try:
+        return json.dumps(doc).encode()
+    except (TypeError, ValueError):  # bytes, or an integer too long to write: not JSON-able
+        return None
+
+
+def test_integers_too_long_to_print_are_quarantined() -> None:
+    """CPython refuses to convert integers of more than 4,300 digits to text: a payload with
+    one must be quarantined, not crash the device's actor."""
+    huge = b"1" * 5000
+    cases = [
+        (b'{"v": ' + huge + b"}", Encoding.JSON, QuarantineReason.NOT_UTF8_JSON),
+        (b'{"v": 2, "device_id": "m-1", "boot": ' + huge + b"}", Encoding.JSON, QuarantineReason.NOT_UTF8_JSON),
+        (cbor2.dumps({"v": 10**5000, "device_id": "m-1"}), CBOR, QuarantineReason.UNSUPPORTED_VERSION),
+        (cbor2.dumps({"v": 2, "device_id": 10**5000}), CBOR, QuarantineReason.DEVICE_MISMATCH),
+        (cbor2.dumps({**reading("m-1", 1, 0), "seq": 10**5000}), CBOR, QuarantineReason.SCHEMA),
+    ]
+    for payload, enc, reason in cases:
+        result = decode_telemetry(payload, device_id="m-1", encoding=enc)
+        assert isinstance(result, Rejection)
+        assert result.reason is reason, result
+        assert len(result.detail) <= 300
