@@ -167,7 +167,7 @@ class ReadingV2(BaseModel):
     def _rfc3339(cls, value: object) -> datetime:
         # An aware datetime can only come from CBOR (tag 0 or 1): JSON has no such type.
         if isinstance(value, datetime) and value.tzinfo is not None:
-            return value.astimezone(UTC)
+            return _utc(value)
         return parse_rfc3339(value)
 
     @property
@@ -222,7 +222,7 @@ def parse_rfc3339(value: object) -> datetime:
     except ValueError:
         pass
     else:
-        return parsed if parsed.tzinfo is UTC else parsed.astimezone(UTC)
+        return parsed if parsed.tzinfo is UTC else _utc(parsed)
     text = value.upper().replace("Z", "+00:00")
     if "." in text:
         # fromisoformat takes at most 6 fraction digits; RFC 3339 allows more.
@@ -234,7 +234,16 @@ def parse_rfc3339(value: object) -> datetime:
     except ValueError as exc:
         msg = f"not a valid date-time: {exc}"
         raise ValueError(msg) from None
-    return parsed.astimezone(UTC)
+    return _utc(parsed)
+
+
+def _utc(value: datetime) -> datetime:
+    """*value* in UTC; ValueError (not OverflowError) when that is before year 1 or after 9999."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        msg = "is outside the years 0001 to 9999 once converted to UTC"
+        raise ValueError(msg) from None
 
 
 #: A validated reading, as the sequence tracker and the store see it: the model itself (a

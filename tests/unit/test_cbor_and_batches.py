@@ -268,3 +268,29 @@ def test_integers_too_long_to_print_are_quarantined() -> None:
         assert isinstance(result, Rejection)
         assert result.reason is reason, result
         assert len(result.detail) <= 300
+
+
+@given(
+    st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)),  # noqa: DTZ001
+    st.integers(min_value=-23 * 60 - 59, max_value=23 * 60 + 59),
+    st.sampled_from(["json", "cbor-text", "cbor-tag0"]),
+)
+def test_any_date_time_with_any_offset_is_stored_or_quarantined(local: datetime, offset_min: int, form: str) -> None:
+    """The whole range of RFC 3339 (years 0001-9999, offsets up to ±23:59): a time whose UTC
+    equivalent falls outside years 0001-9999 is refused as `schema`, never raised."""
+    sign = "+" if offset_min >= 0 else "-"
+    text = local.isoformat() + f"{sign}{abs(offset_min) // 60:02d}:{abs(offset_min) % 60:02d}"
+    doc = reading("m-1", 1, 0, ts=text)
+    if form == "json":
+        result = decode_telemetry(json.dumps(doc).encode(), device_id="m-1")
+    else:
+        payload = cbor2.dumps(doc) if form == "cbor-text" else cbor2.dumps({**doc, "ts": datetime.fromisoformat(text)})
+        result = decode_telemetry(payload, device_id="m-1", encoding=CBOR)
+    try:
+        expected = datetime.fromisoformat(text).astimezone(UTC)
+    except OverflowError:
+        assert isinstance(result, Rejection), result
+        assert result.reason in (QuarantineReason.SCHEMA, QuarantineReason.NOT_CBOR)
+    else:
+        assert isinstance(result, Reading), result
+        assert result.ts == expected
