@@ -839,3 +839,44 @@ def test_a_batch_is_judged_exactly_as_its_readings_sent_one_by_one(
     assert batched.rows_twice == single.rows_twice == []
     # One raw payload per batch that stored or quarantined anything, one per such single message.
     assert len(batched.archived) <= len(batches)
+
+
+# Payloads a device could send: arbitrary bytes, and documents with arbitrary values in the
+# fields of a single message or of a batch's reading, in JSON or CBOR.
+junk_values = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=30), st.lists(st.integers(), max_size=3)
+)
+
+
+@st.composite
+def device_payloads(draw: st.DrawFn) -> tuple[TopicKind, bytes]:
+    kind = draw(st.sampled_from([TopicKind.TELEMETRY, TopicKind.TELEMETRY_CBOR]))
+    if draw(st.booleans()):
+        return kind, draw(st.binary(max_size=300))
+    doc = json.loads(telemetry("emu-1", draw(st.integers(0, 3)), draw(st.integers(0, 20))))
+    target = doc
+    if draw(st.booleans()):
+        reading = {k: v for k, v in doc.items() if k not in ("v", "device_id")}
+        doc = {"v": 2, "device_id": "emu-1", "readings": [reading]}
+        target = reading
+    target[draw(st.sampled_from(["v", "device_id", "boot", "seq", "ts", "m", "loc", "readings"]))] = draw(junk_values)
+    if kind is TopicKind.TELEMETRY_CBOR:
+        return kind, cbor2.dumps(doc)
+    try:
+        return kind, json.dumps(doc).encode()
+    except ValueError:  # NaN is fine for json.dumps; only exotic values land here
+        return kind, b"{}"
+
+
+@given(st.lists(device_payloads(), min_size=1, max_size=8))
+def test_no_payload_crashes_the_device_actor(payloads: list[tuple[TopicKind, bytes]]) -> None:
+    """Bad input is quarantined and acknowledged; it never costs the device its actor."""
+
+    async def scenario() -> IngestStats:
+        async with running_node() as node:
+            sent = [publish("emu-1", payload=payload, kind=kind) for kind, payload in payloads]
+            assert await node.send(*sent) == [Outcome.DURABLE] * len(sent)
+            return node.stats
+
+    stats = trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert stats.actor_restarts == 0
