@@ -112,7 +112,18 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
         await bridge.disconnect(device_id)
 
     readiness = {"storage": False, "broker": False, "http": False}
-    services = WebServices(reader=reader, store=store, stats=stats, readiness=readiness, on_revoked=on_revoked)
+
+    async def on_device_changed(device_id: str) -> None:
+        router.device_changed(device_id)
+
+    services = WebServices(
+        reader=reader,
+        store=store,
+        stats=stats,
+        readiness=readiness,
+        on_revoked=on_revoked,
+        on_device_changed=on_device_changed,
+    )
     app = create_app(services)
 
     hc, http_addr = _http_config(settings.http_bind)
@@ -166,7 +177,12 @@ def _router(
     *,
     alerts: AlertSink | None = None,
 ) -> Router:
-    actor = DeviceActorConfig(idle_timeout=settings.device_idle_timeout_s, max_payload_bytes=settings.max_payload_bytes)
+    actor = DeviceActorConfig(
+        idle_timeout=settings.device_idle_timeout_s,
+        max_payload_bytes=settings.max_payload_bytes,
+        max_batch_payload_bytes=settings.max_batch_payload_bytes,
+        max_future_skew=settings.telemetry_max_future_skew_s,
+    )
     config = RouterConfig(mailbox_capacity=settings.device_mailbox, actor=actor)
     return Router(store, writer, stats, config, fault_hook=faults.device, alerts=alerts)
 

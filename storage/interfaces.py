@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from storage.records import AlertRecord, AlertWrite, DeviceBatch, DeviceStateRecord
+from storage.validation import DeviceContext
 
 
 class IngestStore(Protocol):
@@ -19,6 +20,11 @@ class IngestStore(Protocol):
 
     async def commit(self, batches: Sequence[DeviceBatch]) -> None:
         """Write all *batches* in one transaction; raise :class:`storage.errors.StorageError` on failure."""
+        ...
+
+    async def load_device_context(self, device_id: str, boot: int | None) -> DeviceContext:
+        """What the validation rules need: the device's type and supply system, and the
+        registers of its newest stored reading in *boot* (its current boot)."""
         ...
 
 

@@ -54,6 +54,8 @@ class DeviceRow:
     name: str | None
     created_at: float
     revoked_at: float | None
+    #: A :class:`storage.validation.SupplySystem` value; None when registered without one.
+    supply: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +152,8 @@ class Reader:
     async def device(self, device_id: str) -> tuple[DeviceRow, DeviceStateRecord | None] | None:
         def q(c: sqlite3.Connection) -> tuple[DeviceRow, DeviceStateRecord | None] | None:
             row = c.execute(
-                "SELECT device_id, type, name, created_at, revoked_at FROM devices WHERE device_id = ?", (device_id,)
+                "SELECT device_id, type, name, created_at, revoked_at, supply FROM devices WHERE device_id = ?",
+                (device_id,),
             ).fetchone()
             if row is None:
                 return None
@@ -163,7 +166,7 @@ class Reader:
 
         def q(c: sqlite3.Connection) -> Page[DeviceRow]:
             rows = c.execute(
-                "SELECT device_id, type, name, created_at, revoked_at FROM devices"
+                "SELECT device_id, type, name, created_at, revoked_at, supply FROM devices"
                 " WHERE device_id > ? ORDER BY device_id LIMIT ?",
                 (after, limit + 1),
             ).fetchall()

@@ -110,6 +110,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX alerts_by_state ON alerts (state, id);
     CREATE INDEX alerts_by_device ON alerts (device_id, id);
     """,
+    # 8 (issue #6, validation rules): a device's supply system (storage.validation.SupplySystem).
+    # NULL for devices registered before it, and for new ones registered without it: their
+    # voltage is checked against the widest range of their type.
+    """
+    ALTER TABLE devices ADD COLUMN supply TEXT CHECK (
+        supply IS NULL
+        OR supply IN ('dc_600v', 'dc_750v', 'dc_1500v', 'dc_3000v', 'ac_15kv_16.7hz', 'ac_25kv_50hz')
+    );
+    """,
 )
 
 

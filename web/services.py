@@ -27,5 +27,7 @@ class WebServices:
     readiness: dict[str, bool] = field(default_factory=dict)
     #: Called after a device was revoked: closes its live MQTT session, forgets cached credentials.
     on_revoked: Callable[[str], Awaitable[None]] = _nothing
+    #: Called after a device's registration changed (its supply system): its actor reloads it.
+    on_device_changed: Callable[[str], Awaitable[None]] = _nothing
     #: Largest ``limit`` a list endpoint accepts.
     max_page: int = 1000

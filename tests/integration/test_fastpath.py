@@ -175,7 +175,9 @@ async def test_packet_limit_is_a_setting_and_payloads_below_it_are_quarantined(t
     above the packet limit: the connection is closed before the packet is buffered."""
     key = make_admin_key(tmp_path)
     async with anyio.create_task_group() as tg:
-        node = await start_node(tg, tmp_path, key, max_payload_bytes=1024, mqtt_max_packet_bytes=8192)
+        node = await start_node(
+            tg, tmp_path, key, max_payload_bytes=1024, max_batch_payload_bytes=4096, mqtt_max_packet_bytes=8192
+        )
         secret = await node.register("fp-big")
         connect = mqtt_raw.connect("fp-big", "fp-big", secret)
         big = mqtt_raw.publish("iot/fp-big/telemetry", b"x" * 4000, packet_id=1)
