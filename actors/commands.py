@@ -342,14 +342,11 @@ class CommandActor:
         if not commands:
             return
         now = anyio.current_time()
+        max_attempts = self._config.max_attempts
         for p in list(commands.values()):
-            if (
-                p.state is CommandState.QUEUED
-                or (hinted and p.attempts < self._config.max_attempts)
-                or p.resend_at <= now
-            ):
-                if not self._send(p):
-                    return  # the device is not reachable: the rest would not be either
+            due = p.state is CommandState.QUEUED or (hinted and p.attempts < max_attempts) or p.resend_at <= now
+            if due and not self._send(p):
+                return  # the device is not reachable: the rest would not be either
 
     def _send(self, p: _Pending) -> bool:
         if self._clock() >= p.expires_at:
