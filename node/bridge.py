@@ -15,11 +15,12 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from actors.alerts import AlertRule, AlertSignal, AlertSink
+from actors.commands import CommandActor
 from actors.messages import Completion, Link, LinkEvent, Outcome, Publish
 from actors.router import Router
 from actors.stats import IngestStats
 from node.auth import DeviceGate
-from storage.contract import ParsedTopic
+from storage.contract import ParsedTopic, TopicKind, parse_topic
 
 if TYPE_CHECKING:
     from amqtt.session import Session
@@ -57,9 +58,13 @@ class Bridge:
         #: Where ACL denials go as ``acl_denial`` signals (never blocks; see actors.alerts).
         self.alerts = alerts
         self.broker: NodeBroker | None = None
+        #: Where command acks go and who hears of connects and subscriptions (node.commands).
+        self.commands: CommandActor | None = None
 
     async def ingest(self, parsed: ParsedTopic, topic: str, payload: bytes, *, wait: bool) -> Outcome:
         """Deliver one PUBLISH to its device actor; with *wait*, return once it is durable."""
+        if parsed.kind is TopicKind.COMMANDS_ACK and self.commands is not None:
+            return await self._command_ack(parsed.device_id, topic, payload, wait=wait)
         if not wait:
             await self.router.deliver(Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), None))
             return Outcome.DURABLE
@@ -75,6 +80,33 @@ class Bridge:
         await self.router.deliver(Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), done))
         return await future
 
+    async def _command_ack(self, device_id: str, topic: str, payload: bytes, *, wait: bool) -> Outcome:
+        """An ack goes to the command actor, which commits the command's new state (or the
+        quarantined payload) before the outcome is given; the device actor only sees it as a
+        sign of life (``last_seen``), without the PUBACK waiting for that."""
+        assert self.commands is not None  # noqa: S101 - checked by the caller
+        received = time.time()
+        outcome = Outcome.DURABLE
+        if wait:
+            future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+            def notify(result: Outcome) -> None:
+                if not future.done():
+                    future.set_result(result)
+
+            await self.commands.ack(device_id, topic, payload, received, Completion(notify))
+            outcome = await future
+        else:
+            await self.commands.ack(device_id, topic, payload, received, None)
+        await self.router.deliver(Publish(device_id, TopicKind.COMMANDS_ACK, topic, payload, received, None))
+        return outcome
+
+    def subscribed(self, client_id: str, topic: str) -> None:
+        """A device subscribed (amqtt's event hook, after the SUBACK): its commands may go now."""
+        parsed = parse_topic(topic)
+        if self.commands is not None and parsed is not None and parsed.kind is TopicKind.COMMANDS:
+            self.commands.hint(parsed.device_id)
+
     async def connected(self, session: Session) -> None:
         self.stats.connections += 1
         # A persistent session object is reused by the next connection: start afresh.
@@ -82,6 +114,8 @@ class Bridge:
         if session.username:
             peer = f"{session.remote_address}:{session.remote_port}"
             await self.router.deliver(Link(session.username, LinkEvent.CONNECTED, time.time(), peer))
+            if self.commands is not None:
+                self.commands.hint(session.username)
 
     async def disconnected(self, session: Session) -> None:
         self.stats.connections -= 1
