@@ -74,6 +74,7 @@ PING = {"name": "ping", "ttl_s": 600}
 
 async def test_an_operator_sends_a_command_and_follows_it(
     client: Client,
+    *,
     register: Register,
     operator: Headers,
     viewer: Headers,
@@ -156,6 +157,7 @@ async def test_an_idempotency_key_gives_the_same_command_or_a_conflict(
 )
 async def test_a_bad_command_is_a_422_naming_the_field(
     client: Client,
+    *,
     register: Register,
     operator: Headers,
     deliverer: RecordingDeliverer,
