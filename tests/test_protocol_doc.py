@@ -50,6 +50,8 @@ def _examples() -> list[Example]:
             continue
         line = text.count("\n", 0, match.start()) + 1
         tags = words[1:]
+        if tags and tags[0] in ("command", "ack"):
+            continue  # command payloads: tests/test_protocol_doc_commands.py
         if not tags:
             found.append(Example(line, valid=True, reason=None, body=match["body"]))
             continue
