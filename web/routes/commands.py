@@ -16,7 +16,7 @@ from quart_schema import tag_blueprint, validate_querystring, validate_request, 
 
 from actors.commands import CommandRequest, CommandsUnavailable
 from storage.command_contract import is_command_id
-from storage.errors import CommandConflict
+from storage.errors import CommandConflict, StorageError
 from storage.records import CommandRecord
 from web.auth import caller_key_id, requires
 from web.command_models import Command, CommandCreate, CommandPage, CommandQuery
@@ -72,7 +72,9 @@ async def create_command(device_id: str, data: CommandCreate) -> tuple[Command, 
             type_=IDEMPOTENCY_CONFLICT,
             extra={"command_id": exc.command_id},
         ) from exc
-    except (CommandsUnavailable, TimeoutError) as exc:
+    except (CommandsUnavailable, StorageError, TimeoutError) as exc:
+        # After a timeout the command may still be created: a retry with the same
+        # idempotency key finds it instead of creating a second one.
         raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the node cannot take commands right now") from exc
     if created:
         _audit_command_issued(key_id, record)
