@@ -241,3 +241,43 @@ async def test_stray_and_bad_acks_change_nothing_else(node: RunningNode, devices
     device = await node.get("/api/v1/devices/emu-1")
     assert device["counters"]["received"] == 0
     assert device["state"]["last_seen"] is not None
+
+
+async def test_a_simulated_meter_carries_out_its_commands(node: RunningNode, tmp_path: Path) -> None:
+    """``reboot`` starts a new boot at seq 0 (the node counts a reset), ``set_interval`` changes
+    the rate, anything unknown is rejected: what the README promises of the simulator."""
+    fleet = Fleet(
+        FleetConfig(
+            devices=1,
+            rate=2.0,
+            mqtt_port=node.mqtt_port,
+            api_url=node.base_url,
+            admin_key=node.admin_key,
+            secrets_file=tmp_path / "s.json",
+            supplies=("ac25k",),
+        )
+    )
+    device_id = fleet.config.device_id(0)
+    async with running_fleet(fleet):
+        with anyio.fail_after(WAIT_S):
+            while not (await node.get(f"/api/v1/devices/{device_id}"))["counters"]["stored"]:
+                await anyio.sleep(0.1)
+        boot = (await node.get(f"/api/v1/devices/{device_id}"))["state"]["boot"]
+        reboot = await send(node, device_id, name="reboot", ttl_s=60)
+        done = await wait_for_state(node, device_id, reboot["command_id"], "acked")
+        assert done["history"][-1]["detail"] == f"ok: rebooted into boot {boot + 1}"
+        with anyio.fail_after(WAIT_S):
+            while (device := await node.get(f"/api/v1/devices/{device_id}"))["state"]["boot"] != boot + 1:
+                await anyio.sleep(0.1)
+        assert device["counters"]["resets"] == 1
+
+        faster = await send(node, device_id, name="set_interval", args={"seconds": 0.05}, ttl_s=60)
+        await wait_for_state(node, device_id, faster["command_id"], "acked")
+        before = (await node.get(f"/api/v1/devices/{device_id}"))["counters"]["stored"]
+        await anyio.sleep(1.0)
+        after = (await node.get(f"/api/v1/devices/{device_id}"))["counters"]["stored"]
+        assert after - before >= 6  # 20/s now, 2/s before (generous: a loaded machine)
+
+        unknown = await send(node, device_id, name="self_destruct", ttl_s=60)
+        failed = await wait_for_state(node, device_id, unknown["command_id"], "failed")
+        assert failed["history"][-1]["detail"] == "rejected: unknown command 'self_destruct'"
