@@ -250,8 +250,14 @@ class CommandActor:
                 except anyio.EndOfStream:
                     await self._save(final=True)
                     return
-            for msg in batch:
-                await self._apply(msg)
+            for i, msg in enumerate(batch):
+                try:
+                    await self._apply(msg)
+                except BaseException:
+                    # The rest of the batch left the mailbox too: nobody else would answer it.
+                    # Acks already applied wait in `_waiting`; the restarted run() saves them.
+                    _abandon(batch[i:])
+                    raise
             self._fire_due(anyio.current_time())
             await self._save()
 
@@ -260,11 +266,7 @@ class CommandActor:
         for done in self._waiting:
             done.resolve(Outcome.FAILED)
         self._waiting.clear()
-        for msg in self.mailbox.drain_nowait(1 << 30):
-            if isinstance(msg, _AckIn) and msg.done is not None:
-                msg.done.resolve(Outcome.FAILED)
-            elif isinstance(msg, _Submit):
-                msg.reply.set(error=CommandsUnavailable("the command actor stopped"))
+        _abandon(self.mailbox.drain_nowait(1 << 30))
 
     async def _apply(self, msg: _Message) -> None:
         if isinstance(msg, _Submit):
@@ -521,6 +523,16 @@ class CommandActor:
         for done in self._waiting:
             done.resolve(Outcome.DURABLE)
         self._waiting.clear()
+
+
+def _abandon(messages: list[_Message]) -> None:
+    """Answer messages that will not be handled: acks are not acknowledged (the device sends
+    them again), submits fail (the API answers 503; a retry with the idempotency key is safe)."""
+    for msg in messages:
+        if isinstance(msg, _AckIn) and msg.done is not None:
+            msg.done.resolve(Outcome.FAILED)
+        elif isinstance(msg, _Submit):
+            msg.reply.set(error=CommandsUnavailable("the command actor stopped"))
 
 
 def _has_queued(commands: dict[str, _Pending]) -> bool:

@@ -14,15 +14,17 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from actors.commands import CommandActor, CommandConfig, CommandRequest, Delivery
+from actors.commands import CommandActor, CommandConfig, CommandRequest, CommandsUnavailable, Delivery
 from actors.messages import Completion, Outcome
 from actors.stats import CommandStats
+from actors.supervisor import RestartPolicy, supervise
 from storage.errors import CommandConflict, StorageError
 from storage.records import CommandChange, CommandHistoryEntry, CommandRecord, NewCommand, QuarantinedAck
 from tests.unit.test_actors import STUCK_AFTER
@@ -336,3 +338,39 @@ async def test_the_sweep_delivers_when_a_hint_was_lost(autojump_clock: trio.test
         c.deliverer.reachable["emu-1"] = Delivery.SENT  # connected, but no hint arrives
         await sleep_until(10.5)
         assert [d["command_id"] for d in c.deliverer.to("emu-1")] == [command_id]
+
+
+@pytest.mark.trio
+async def test_a_crash_answers_what_it_abandoned_and_the_restart_goes_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class BuggyStore(FakeCommandStore):
+        bug = True
+
+        async def create_command(self, new: NewCommand) -> tuple[CommandRecord, bool]:
+            if self.bug:
+                self.bug = False
+                raise RuntimeError("a bug in the store")
+            return await super().create_command(new)
+
+    store = BuggyStore()
+    deliverer = FakeDeliverer({"emu-1": Delivery.SENT})
+    stats = CommandStats()
+    actor = CommandActor(store, deliverer, stats, CommandConfig(), clock=wall)
+    restarts: list[BaseException] = []
+    policy = RestartPolicy(max_restarts=3, backoff_initial=1.0)
+    with trio.fail_after(STUCK_AFTER):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(supervise, "commands", actor.run, policy, on_restart=lambda _, e: restarts.append(e))
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(CommandsUnavailable):
+                await actor.submit("emu-1", CommandRequest("ping", {}, 60))
+            assert [type(e) for e in restarts] == [RuntimeError]
+            record, created = await actor.submit("emu-1", CommandRequest("ping", {}, 60))
+            assert created
+            await trio.testing.wait_all_tasks_blocked()
+            assert [d["command_id"] for d in deliverer.to("emu-1")] == [record.command_id]
+            actor.mailbox.close_sending()
+    actor.mailbox.close()
