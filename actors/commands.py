@@ -16,7 +16,10 @@ whether that worked). A ``sent`` command with no ack after ``ack_timeout`` is se
 the same ``command_id``, up to ``max_attempts`` deliveries in all; a device that connects or
 subscribes again gets its ``sent`` commands again too, because the last delivery may have gone
 with its old connection. Past ``expires_at`` a command that is not final becomes ``expired``,
-sent or not. Queued commands are also retried every ``sweep`` seconds, in case a hint was lost.
+sent or not. A hint that finds no live session (amqtt reports a connect before the node lists
+the session as live) is tried again after ``hint_retries``; queued commands are also offered
+every ``sweep`` seconds, in case a hint was lost. A reconnect resends only what was sent before
+it, so a subscribe right after a connect does not send everything twice.
 
 Timers run on ``anyio.current_time()`` (tests use trio's autojump clock); times stored come
 from the wall ``clock``. Changes of each drained batch are written in one transaction; when the
@@ -89,6 +92,8 @@ class CommandConfig:
     #: Submits and acks wait for room (backpressure); hints are dropped and counted when full.
     capacity: int = 1024
     max_batch: int = 256
+    #: Delays before a connect hint that found no live session is tried again.
+    hint_retries: tuple[float, ...] = (0.2, 1.0, 3.0)
     retry_initial: float = 0.5
     retry_max: float = 30.0
 
@@ -141,6 +146,8 @@ class _Submit:
 @dataclass(slots=True)
 class _Hint:
     device_id: str
+    #: Wall time of the connect or subscribe: what was sent before it goes again.
+    at: float
 
 
 @dataclass(slots=True)
@@ -169,6 +176,8 @@ class _Pending:
 
 
 _SWEEP: Final = "@sweep"
+#: Timer keys of hint retries: this prefix and the device id (command ids never start so).
+_HINT: Final = "@hint:"
 
 
 class CommandActor:
@@ -193,6 +202,8 @@ class CommandActor:
         #: One timer per command (resend or expiry, whichever is first) and the sweep.
         self._timers: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
+        #: device → (time of its last connect or subscribe, retries made) while retrying.
+        self._hint_retry: dict[str, tuple[float, int]] = {}
         self._changes: list[CommandChange] = []
         self._quarantined: list[QuarantinedAck] = []
         #: Completions of acks whose state change is not committed yet.
@@ -221,7 +232,7 @@ class CommandActor:
         """*device_id* connected or subscribed: try its waiting commands. Never waits; a hint
         lost to a full mailbox is counted, and the periodic sweep makes up for it."""
         try:
-            self.mailbox.send_nowait(_Hint(device_id))
+            self.mailbox.send_nowait(_Hint(device_id, self._clock()))
         except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._stats.hints_dropped += 1
 
@@ -272,7 +283,7 @@ class CommandActor:
         if isinstance(msg, _Submit):
             await self._submit(msg)
         elif isinstance(msg, _Hint):
-            self._offer(msg.device_id, hinted=True)
+            self._hinted(msg.device_id, msg.at, 0)
         else:
             await self._ack(msg)
 
@@ -282,6 +293,7 @@ class CommandActor:
         self._by_device.clear()
         self._timers.clear()
         self._heap.clear()
+        self._hint_retry.clear()
         self._stats.pending.clear()
         for r in records:
             p = _Pending(
@@ -297,8 +309,9 @@ class CommandActor:
         self._set_timer(_SWEEP, anyio.current_time() + self._config.sweep)
         # Whatever was sent before a restart goes again once its device is back (a hint); the
         # ones whose devices are connected already (an actor crash, not a node restart) now.
+        now = self._clock()
         for device_id in list(self._by_device):
-            self._offer(device_id, hinted=True)
+            self._offer(device_id, resend_before=now)
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -329,7 +342,7 @@ class CommandActor:
         p = _Pending(command_id, msg.device_id, CommandState.QUEUED, new.expires_at, b"")
         p.payload = command_payload(command_id, req.name, req.args, new.expires_at)
         self._track(p)
-        self._offer(msg.device_id, hinted=False)
+        self._offer(msg.device_id)
 
     def _track(self, p: _Pending) -> None:
         self._pending[p.command_id] = p
@@ -337,29 +350,43 @@ class CommandActor:
         self._stats.pending[p.state.value] = self._stats.pending.get(p.state.value, 0) + 1
         self._schedule(p)
 
-    def _offer(self, device_id: str, *, hinted: bool) -> None:
-        """Deliver what *device_id* is waiting for: queued commands, and with a *hinted*
-        (re)connect also the sent ones, whose last delivery may have gone with the old link."""
+    def _hinted(self, device_id: str, at: float, retry: int) -> None:
+        """A connect or subscribe at *at*. amqtt reports a connect before the node has the
+        session among its live ones, so a hint that finds the device not connected is tried
+        again a few times (``hint_retries``) before the sweep is left to it."""
+        retries = self._config.hint_retries
+        if self._offer(device_id, resend_before=at) is Delivery.NOT_CONNECTED and retry < len(retries):
+            self._hint_retry[device_id] = (at, retry + 1)
+            self._set_timer(_HINT + device_id, anyio.current_time() + retries[retry])
+
+    def _offer(self, device_id: str, *, resend_before: float | None = None) -> Delivery:
+        """Deliver what *device_id* is waiting for: queued commands, sent ones whose resend is
+        due, and after a (re)connect at *resend_before* also the sent ones last sent before
+        it, whose delivery may have gone with the old link. Returns why it stopped, if it did."""
         commands = self._by_device.get(device_id)
         if not commands:
-            return
+            return Delivery.SENT
         now = anyio.current_time()
         max_attempts = self._config.max_attempts
         for p in list(commands.values()):
-            due = p.state is CommandState.QUEUED or (hinted and p.attempts < max_attempts) or p.resend_at <= now
-            if due and not self._send(p):
-                return  # the device is not reachable: the rest would not be either
+            reconnected = (
+                resend_before is not None and p.attempts < max_attempts and (p.last_sent_at or 0.0) < resend_before
+            )
+            due = p.state is CommandState.QUEUED or reconnected or p.resend_at <= now
+            if due and (result := self._send(p)) is not Delivery.SENT:
+                return result  # the device is not reachable: the rest would not be either
+        return Delivery.SENT
 
-    def _send(self, p: _Pending) -> bool:
+    def _send(self, p: _Pending) -> Delivery:
         if self._clock() >= p.expires_at:
             self._finish(p, CommandState.EXPIRED, self._expiry_detail(p))
-            return True
+            return Delivery.SENT
         result = self._deliverer.deliver(p.device_id, p.payload)
         if result is not Delivery.SENT:
             if p.state is CommandState.SENT:
                 p.resend_at = math.inf  # again at the next hint or sweep
                 self._schedule(p)
-            return False
+            return result
         resend = p.state is CommandState.SENT
         p.attempts += 1
         p.last_sent_at = self._clock()
@@ -373,7 +400,7 @@ class CommandActor:
         more = p.attempts < self._config.max_attempts
         p.resend_at = anyio.current_time() + self._config.ack_timeout if more else math.inf
         self._schedule(p)
-        return True
+        return Delivery.SENT
 
     def _move(self, p: _Pending, state: CommandState) -> None:
         if p.state is not state:
@@ -478,7 +505,12 @@ class CommandActor:
             if key == _SWEEP:
                 self._set_timer(_SWEEP, now + self._config.sweep)
                 for device_id in [d for d, cs in self._by_device.items() if _has_queued(cs)]:
-                    self._offer(device_id, hinted=False)
+                    self._offer(device_id)
+                continue
+            if key.startswith(_HINT):
+                device_id = key.removeprefix(_HINT)
+                at, retry = self._hint_retry.pop(device_id, (0.0, 0))
+                self._hinted(device_id, at, retry)
                 continue
             p = self._pending.get(key)
             if p is None:

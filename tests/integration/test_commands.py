@@ -281,3 +281,46 @@ async def test_a_simulated_meter_carries_out_its_commands(node: RunningNode, tmp
         unknown = await send(node, device_id, name="self_destruct", ttl_s=60)
         failed = await wait_for_state(node, device_id, unknown["command_id"], "failed")
         assert failed["history"][-1]["detail"] == "rejected: unknown command 'self_destruct'"
+
+
+class PersistentListener(Listener):
+    """A device with a persistent session (clean session off): its subscription outlives a
+    disconnect, so after a reconnect it receives commands without subscribing again."""
+
+    def __init__(self, port: int, device_id: str, secret: str, *, qos: int = 1) -> None:
+        super().__init__(port, device_id, secret)
+        self.qos = qos
+        self.client._clean_session = False  # paho keeps it private; set before connect()
+        self.qos_seen: list[int] = []
+
+        def on_message(client: Any, userdata: Any, message: Any) -> None:
+            self.received.append(json.loads(message.payload))
+            self.qos_seen.append(message.qos)
+
+        self.client.on_message = on_message
+
+    async def listen(self) -> None:
+        assert await self.aconnect() == 0
+        self.client.subscribe(f"iot/{self.device_id}/commands", qos=self.qos)
+        with anyio.fail_after(WAIT_S):
+            await anyio.to_thread.run_sync(self.subscribed.wait)
+
+
+async def test_a_persistent_session_gets_its_commands_after_a_reconnect(
+    node: RunningNode, devices: list[Device]
+) -> None:
+    secret = await node.register("emu-1")
+    first = PersistentListener(node.mqtt_port, "emu-1", secret, qos=0)
+    devices.append(first)
+    await first.listen()
+    await first.aclose()
+    queued = await send(node, "emu-1", name="ping", ttl_s=600)
+    again = PersistentListener(node.mqtt_port, "emu-1", secret, qos=0)
+    devices.append(again)
+    assert await again.aconnect() == 0  # no SUBSCRIBE this time
+    with anyio.fail_after(10):  # the connect delivers it, not the sweep (30 s here)
+        await again.received_count(1)
+    assert again.received[0]["command_id"] == queued["command_id"]
+    assert again.qos_seen == [0]  # delivered at the QoS the device subscribed with
+    await again.ack(queued["command_id"], detail="pong")
+    await wait_for_state(node, "emu-1", queued["command_id"], "acked")

@@ -374,3 +374,31 @@ async def test_a_crash_answers_what_it_abandoned_and_the_restart_goes_on(
             assert [d["command_id"] for d in deliverer.to("emu-1")] == [record.command_id]
             actor.mailbox.close_sending()
     actor.mailbox.close()
+
+
+@pytest.mark.trio
+async def test_a_connect_hint_that_came_too_early_is_tried_again(autojump_clock: trio.testing.MockClock) -> None:
+    """amqtt reports a connect before the node lists the session as live: the hint finds the
+    device not connected, and a retry a moment later delivers, well before the sweep."""
+    async with running_commands(sweep=600.0, hint_retries=(0.2, 1.0)) as c:
+        command_id = await c.submit()
+        c.actor.hint("emu-1")  # not connected yet, as far as the deliverer knows
+        await trio.testing.wait_all_tasks_blocked()
+        c.deliverer.reachable["emu-1"] = Delivery.SENT
+        await sleep_until(0.3)
+        assert [d["command_id"] for d in c.deliverer.to("emu-1")] == [command_id]
+        await sleep_until(5.0)
+        assert len(c.deliverer.sent) == 1  # the later retries found nothing left to do
+
+
+@pytest.mark.trio
+async def test_a_reconnect_resends_only_what_was_sent_before_it(autojump_clock: trio.testing.MockClock) -> None:
+    async with running_commands(ack_timeout=600.0) as c:
+        await c.connect()
+        old = await c.submit()
+        await sleep_until(10.0)
+        await c.connect()  # a new connection: the old delivery may be lost
+        new = await c.submit()
+        c.actor.hint("emu-1")  # e.g. the subscribe right after it: nothing was sent before it
+        await trio.testing.wait_all_tasks_blocked()
+        assert [d["command_id"] for d in c.deliverer.to("emu-1")] == [old, old, new]
