@@ -257,7 +257,8 @@ class DeviceActor:
         self._last_seen = max(self._last_seen or 0.0, msg.received_at)
         encoding = _ENCODINGS.get(msg.kind)
         if encoding is None:
-            # status and command acks change liveness only, until commands exist.
+            # status and command acks change liveness only: acks are not telemetry, the command
+            # actor handles them (node.bridge.Bridge.admit) and this is only their sign of life.
             return None
         cfg = self._config
         result = decode_telemetry(

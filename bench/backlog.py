@@ -48,7 +48,8 @@ TARGET_READINGS_S: Final = 50_000.0
 
 def run(opts: argparse.Namespace, bench: Bench) -> bool:
     o = opts
-    node = bench.start_node()
+    # The fast path on: label "node"; off: "slow" (the labels bench/ingest.py reports under).
+    node = bench.start_node("node" if o.fast_path else "slow", fast=o.fast_path)
     total = o.devices * o.readings
     publishes = o.readings // o.batch
     print(
@@ -57,9 +58,10 @@ def run(opts: argparse.Namespace, bench: Bench) -> bool:
     )
     res = bench.run_load(
         "backlog",
-        node.mqtt_port,
-        node.proc,
+        node.node.mqtt_port,
+        {node.label: node.proc},
         {"mode": "saturate", "messages": publishes, "batch": o.batch, "encoding": o.encoding, "seq_start": 0},
+        devices=node.devices,
         probe=lambda: Bench.writer_metrics(node.client),
     )
     for device_id in node.expected:
@@ -95,6 +97,7 @@ def run(opts: argparse.Namespace, bench: Bench) -> bool:
     )
     print(f"  node RSS {node.proc.memory_info().rss / MIB:.0f} MiB; rest of the machine {res.other_cores:.2f} cores")
     Bench.phase_footer(res, "node")
+    bench.stop_node(node)
     result = {
         "readings": total,
         "readings_acked": readings_acked,
@@ -139,6 +142,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sync", choices=("FULL", "NORMAL"), default="FULL", help="the node's sqlite_synchronous (FULL is its default)"
     )
     parser.add_argument("--phase-timeout", type=float, default=600.0, help="the backlog must drain within this")
+    parser.add_argument(
+        "--no-fast-path",
+        dest="fast_path",
+        action="store_false",
+        help="run the node with broker_fast_path = false (amqtt's own packet reader)",
+    )
     parser.add_argument(
         "--rev",
         metavar="REV",

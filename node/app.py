@@ -33,6 +33,7 @@ from node.alerting import build_alerts, run_alerts, stop_alerts
 from node.auth import DeviceGate
 from node.bridge import Bridge
 from node.broker import NodeBroker, NodeProtocolHandler, broker_config
+from node.commands import build_commands, run_commands, stop_commands
 from node.config import Settings, parse_bind
 from node.fastpath import FastProtocolHandler
 from node.faults import FaultHooks, FaultyStore
@@ -106,6 +107,9 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     router = _router(settings, ingest_store, writer, stats, faults, alerts=alert_sink)
     gate = DeviceGate(reader, stats, concurrency=settings.auth_concurrency)
     bridge = Bridge(gate, router, stats, disconnect_on_denial=settings.disconnect_on_acl_denial, alerts=alert_sink)
+    # Commands (node/commands.py): acks, connects and subscriptions reach the actor through the bridge.
+    commands, deliverer = build_commands(settings, store, stats.commands, bridge)
+    commands_done = anyio.Event()
 
     async def on_revoked(device_id: str) -> None:
         gate.forget(device_id)
@@ -124,6 +128,8 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
         on_revoked=on_revoked,
         on_device_changed=on_device_changed,
     )
+    services.commands = commands
+    services.command_max_ttl_s = settings.command_max_ttl_s
     app = create_app(services)
 
     hc, http_addr = _http_config(settings.http_bind)
@@ -137,6 +143,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
         async with anyio.create_task_group() as tg:
             tg.start_soon(_run_writer, writer, writer_done, name="storage-writer")
             tg.start_soon(run_alerts, alerts, alerts_done, name="alerts")
+            tg.start_soon(run_commands, commands, commands_done, name="commands")
             await tg.start(router.run, name="router")
             readiness["storage"] = await reader.ping()
             stale = await store.mark_all_offline("node_restart")
@@ -159,6 +166,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             with anyio.CancelScope(shield=True):
                 await bridge.node_stopping()
                 await _drain(broker, router, writer, writer_done)
+                await stop_commands(commands, commands_done, deliverer)
                 await stop_alerts(alerts, alerts_done)
             tg.cancel_scope.cancel()
     finally:

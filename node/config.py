@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     alert_stale_boot_clear_after_s: float = Field(default=0.0, ge=0)
     #: implausible_value: cleared after this long without an implausible reading (0 = never).
     alert_implausible_clear_after_s: float = Field(default=3600.0, ge=0)
+    # Commands (see actors/commands.py for the timing rules):
+    #: A sent command with no ack for this long is sent again (same command_id)…
+    command_ack_timeout_s: float = Field(default=30.0, gt=0, le=86400)
+    #: …up to this many deliveries in all; then it waits for its ack or its expiry.
+    command_max_attempts: int = Field(default=5, ge=1, le=100)
+    #: The longest ``ttl_s`` a command may ask for.
+    command_max_ttl_s: int = Field(default=7 * 86400, ge=1, le=365 * 86400)
 
     @field_validator("mqtt_max_packet_bytes")
     @classmethod

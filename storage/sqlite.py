@@ -22,9 +22,19 @@ from typing import Any, Literal
 
 import anyio
 
+from storage import command_sql
 from storage.contract import Measurements
 from storage.errors import DeviceExists, StorageError
-from storage.records import AlertRecord, AlertWrite, DeviceBatch, DeviceStateRecord
+from storage.records import (
+    AlertRecord,
+    AlertWrite,
+    CommandChange,
+    CommandRecord,
+    DeviceBatch,
+    DeviceStateRecord,
+    NewCommand,
+    QuarantinedAck,
+)
 from storage.schema import migrate
 from storage.validation import DeviceContext, DeviceProfile, RegisterMark, SupplySystem
 
@@ -158,6 +168,22 @@ class SqliteStore:
             return None if row is None else alert_from_row(row)
 
         return await self._run(run)
+
+    # -- commands (the command actor is their only writer; storage/command_sql.py) --------------
+
+    async def create_command(self, new: NewCommand) -> tuple[CommandRecord, bool]:
+        return await self._run(lambda c: command_sql.create_command(c, new))
+
+    async def unfinished_commands(self) -> list[CommandRecord]:
+        return await self._run(command_sql.unfinished_commands)
+
+    async def command_owner(self, command_id: str) -> tuple[str, str] | None:
+        return await self._run(lambda c: command_sql.command_owner(c, command_id))
+
+    async def write_command_changes(
+        self, changes: Sequence[CommandChange], quarantined: Sequence[QuarantinedAck]
+    ) -> None:
+        await self._run(lambda c: command_sql.write_command_changes(c, changes, quarantined))
 
 
 def insert_api_key(conn: sqlite3.Connection, key_id: str, role: str, key_hash: str) -> None:

@@ -65,6 +65,8 @@ def _examples() -> list[Example]:
         if settings:
             supply = SupplySystem(settings["supply"]) if "supply" in settings else None
             profile = DeviceProfile(settings.get("type", "dc_meter"), supply)
+        if tags and tags[0] in ("command", "ack"):
+            continue  # command payloads: tests/test_protocol_doc_commands.py
         if not tags:
             found.append(Example(line, valid=True, reason=None, body=match["body"], profile=profile))
             continue

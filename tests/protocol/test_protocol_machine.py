@@ -604,9 +604,10 @@ class ProtocolMachine(RuleBasedStateMachine):
     @precondition(lambda self: self._connected())
     @rule(data=st.data(), kind=st.sampled_from(["status", "commands/ack"]))
     def publish_status(self, data: st.DataObject, kind: str) -> None:
-        """Status and command acks are accepted and acknowledged, but neither counted nor stored."""
+        """Status and command acks are accepted and acknowledged, but neither counted nor stored
+        (an ack for a command the node never sent is ignored; a malformed one is quarantined)."""
         meter = data.draw(st.sampled_from(self._connected()), label="device")
-        payload = b"online" if kind == "status" else b'{"command_id": "01JD", "status": "ok"}'
+        payload = b"online" if kind == "status" else b'{"command_id": "01JD0000000000000000000000", "status": "ok"}'
         self._publish(meter, Message(f"iot/{meter.device_id}/{kind}", payload, "ignored"))
 
     # -- invariants ---------------------------------------------------------------------------
