@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,17 @@ pytestmark = pytest.mark.anyio
 
 PUBACK, PINGRESP = 4, 13
 PINGREQ = b"\xc0\x00"
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[RunningNode]:
+    """The node with its fast path on even when the suite runs with
+    ``DEPOT_NODE_BROKER_FAST_PATH=false``: these tests are about the fast path's own reader."""
+    key = make_admin_key(tmp_path)
+    async with anyio.create_task_group() as tg:
+        running = await start_node(tg, tmp_path, key, broker_fast_path=True)
+        yield running
+        await stop_node(running)
 
 
 @dataclass(frozen=True)
@@ -176,7 +187,13 @@ async def test_packet_limit_is_a_setting_and_payloads_below_it_are_quarantined(t
     key = make_admin_key(tmp_path)
     async with anyio.create_task_group() as tg:
         node = await start_node(
-            tg, tmp_path, key, max_payload_bytes=1024, max_batch_payload_bytes=4096, mqtt_max_packet_bytes=8192
+            tg,
+            tmp_path,
+            key,
+            broker_fast_path=True,
+            max_payload_bytes=1024,
+            max_batch_payload_bytes=4096,
+            mqtt_max_packet_bytes=8192,
         )
         secret = await node.register("fp-big")
         connect = mqtt_raw.connect("fp-big", "fp-big", secret)
