@@ -83,29 +83,10 @@ class Supply:
         return "ac_meter" if self.limits.device_type == "ac_meter" else "dc_meter"
 
     @property
-    def nominal_v(self) -> float:
-        return self.limits.nominal
-
-    @property
-    def umin1(self) -> float:
-        """Lowest permanent voltage."""
-        return self.limits.umin1
-
-    @property
-    def umax1(self) -> float:
-        """Highest permanent voltage."""
-        return self.limits.umax1
-
-    @property
-    def umax2(self) -> float:
-        """Highest short-term voltage."""
-        return self.limits.umax2
-
-    @property
     def label(self) -> str:
         if self.frequency_hz is None:
-            return f"DC {self.nominal_v:g} V"
-        return f"AC {self.nominal_v / 1000:g} kV {self.frequency_hz:g} Hz"
+            return f"DC {self.limits.nominal:g} V"
+        return f"AC {self.limits.nominal / 1000:g} kV {self.frequency_hz:g} Hz"
 
 
 SUPPLIES: Final[dict[str, Supply]] = {
@@ -273,8 +254,9 @@ class Meter:
         load = power / s.max_power_kw  # -0.8 to 1.0
         # Substations run a little above nominal; traction pulls the line down, regeneration
         # pushes it up. Clamped to the system's EN 50163 range [Umin1, Umax2].
-        v = s.nominal_v * (1.04 - 0.12 * max(load, 0.0) + 0.12 * max(-load, 0.0) + rng.uniform(-0.02, 0.02))
-        voltage = round(min(max(v, s.umin1), s.umax2), 1)
+        lim = s.limits
+        v = lim.nominal * (1.04 - 0.12 * max(load, 0.0) + 0.12 * max(-load, 0.0) + rng.uniform(-0.02, 0.02))
+        voltage = round(min(max(v, lim.umin1), lim.umax2), 1)
         m: dict[str, float] = {"voltage_v": voltage}
         if s.frequency_hz is None:
             m["current_a"] = round(power * 1000.0 / voltage, 1)

@@ -71,7 +71,7 @@ def test_readings_are_valid_in_range_and_monotonic(supply: str, seed: int, inter
         m = doc["m"]
         assert (reading.boot, reading.seq) == (boot0, i)
         # EN 50163: never below the lowest permanent or above the highest short-term voltage.
-        assert s.umin1 <= m["voltage_v"] <= s.umax2
+        assert s.limits.umin1 <= m["voltage_v"] <= s.limits.umax2
         # Power is signed (+ traction, - regeneration) and the current follows it.
         assert m["current_a"] * m["power_kw"] >= 0
         assert abs(m["power_kw"]) <= s.max_power_kw * 1.03
