@@ -30,6 +30,11 @@ The rules (:class:`AlertRule`, a closed set so that it can label metrics) and th
     raised when ``quarantine_burst`` messages of the device were quarantined within
     ``quarantine_window`` seconds; ``count`` is the messages quarantined in the burst.
     Cleared after a whole ``quarantine_window`` without a quarantined message.
+``implausible_value``
+    raised when a reading is quarantined as physically implausible: a voltage outside its
+    supply system's EN 50163 range, or an energy register that went down within a boot
+    (:mod:`storage.validation`); ``count`` is such readings. Cleared after
+    ``implausible_clear_after`` seconds without one (0: never).
 
 Timers (offline grace, quiet periods, sliding windows) run on ``anyio.current_time()``, so the
 tests drive them with trio's autojump clock; the times stored come from the wall ``clock``.
@@ -78,6 +83,8 @@ class AlertRule(enum.StrEnum):
     #: The device's actor crashed past its restart limit; its messages are refused until the
     #: node restarts (which clears this alert).
     DEVICE_PARKED = "device_parked"
+    #: A reading was quarantined as physically implausible (voltage range, falling register).
+    IMPLAUSIBLE_VALUE = "implausible_value"
 
 
 class AlertState(enum.StrEnum):
@@ -100,6 +107,8 @@ SEVERITY: Final[dict[AlertRule, Severity]] = {
     AlertRule.ACL_DENIAL: Severity.CRITICAL,
     AlertRule.QUARANTINE_BURST: Severity.WARNING,
     AlertRule.DEVICE_PARKED: Severity.CRITICAL,
+    # A meter or its wiring is broken, and billing data is being withheld from the store.
+    AlertRule.IMPLAUSIBLE_VALUE: Severity.CRITICAL,
 }
 
 #: Disconnect reasons that mean the link died. ``clean`` (the device said goodbye), ``revoked``,
@@ -142,6 +151,7 @@ class AlertConfig:
     #: such an alert, and a repeat adds to it, but it stays in the open-alerts gauge).
     acl_clear_after: float = 3600.0
     stale_boot_clear_after: float = 0.0
+    implausible_clear_after: float = 3600.0
     disabled: frozenset[AlertRule] = frozenset()
     #: Signals are a few per batch of a device at most; 4096 rides out a reconnect storm of
     #: thousands of meters while a write is in progress. Drops are counted (never silent).
@@ -258,9 +268,9 @@ class AlertActor:
                     self._mark(alert)
                 elif s.level >= cfg.gap_min_missing:
                     self._raise(key, s.detail, s.at, 1)
-            case AlertRule.STALE_BOOT | AlertRule.ACL_DENIAL:
+            case AlertRule.STALE_BOOT | AlertRule.ACL_DENIAL | AlertRule.IMPLAUSIBLE_VALUE:
                 self._occurred(key, s.detail, s.at, s.count)
-                quiet = cfg.acl_clear_after if s.rule is AlertRule.ACL_DENIAL else cfg.stale_boot_clear_after
+                quiet = self._quiet_period(s.rule)
                 if quiet > 0:
                     self._set_timer(key, now + quiet)
             case AlertRule.QUARANTINE_BURST:
@@ -368,13 +378,19 @@ class AlertActor:
                 self._clear(key, wall)
                 continue
             # A quiet period that began before a restart still ends when it would have.
-            quiet = {
-                AlertRule.ACL_DENIAL: self._config.acl_clear_after,
-                AlertRule.STALE_BOOT: self._config.stale_boot_clear_after,
-                AlertRule.QUARANTINE_BURST: self._config.quarantine_window,
-            }.get(rule, 0.0)
+            quiet = self._quiet_period(rule)
             if quiet > 0 and key not in self._timers:
                 self._set_timer(key, now + max(0.0, r.last_seen_at + quiet - wall))
+
+    def _quiet_period(self, rule: AlertRule) -> float:
+        """Seconds without an occurrence after which *rule*'s alert clears (0: never)."""
+        cfg = self._config
+        return {
+            AlertRule.ACL_DENIAL: cfg.acl_clear_after,
+            AlertRule.STALE_BOOT: cfg.stale_boot_clear_after,
+            AlertRule.QUARANTINE_BURST: cfg.quarantine_window,
+            AlertRule.IMPLAUSIBLE_VALUE: cfg.implausible_clear_after,
+        }.get(rule, 0.0)
 
     # -- timers and saving ----------------------------------------------------------------------
 

@@ -1,6 +1,9 @@
 """The device actor: one per device, the only place that decides what a device's data means.
 
-It decodes and validates each PUBLISH, runs the sequence tracker, keeps liveness (online,
+It decodes and validates each PUBLISH (JSON or CBOR, one reading or a batch of them), runs
+the sequence tracker and the validation rules that need the device (:mod:`storage.validation`:
+fields by device type, the voltage range of its supply system, clock skew, registers never
+decreasing within a boot) for every reading, keeps liveness (online,
 last seen) and hands the result of every drained batch to the storage writer as one
 :class:`~storage.records.DeviceBatch`, together with the completions the broker is waiting
 on. It never acknowledges anything itself: a completion resolves when the writer committed.
@@ -9,8 +12,10 @@ quarantines) and when its link went down or up (see :mod:`actors.alerts`).
 
 On start it first waits for the writer to commit everything already submitted (so a restarted
 actor never reads state older than what is on its way to disk), then loads its state from
-the store. An exception while handling a batch fails that batch's completions (those messages
-are not acknowledged, so the device resends them) and propagates to the supervisor.
+the store, with its profile (type, supply system) and the registers of the newest stored
+reading of its current boot. An exception while handling a batch fails that batch's
+completions (those messages are not acknowledged, so the device resends them) and propagates
+to the supervisor.
 """
 
 from __future__ import annotations
@@ -25,24 +30,41 @@ import anyio
 from actors.alerts import OFFLINE_REASONS, AlertRule, AlertSignal, AlertSink
 from actors.mailbox import Mailbox
 from actors.messages import Completion, DeviceMessage, Link, LinkEvent, Outcome, Publish
-from actors.sequence import Counters, SequenceState, SequenceTracker
+from actors.sequence import Counters, SequenceState, SequenceTracker, Verdict
 from actors.stats import IngestStats
 from actors.writer import StorageWriter, WriteRequest
 from storage.contract import (
+    DEFAULT_MAX_BATCH_PAYLOAD_BYTES,
     DEFAULT_MAX_PAYLOAD_BYTES,
+    Batch,
+    Encoding,
+    Location,
+    Measurements,
     QuarantineReason,
     Reading,
-    Rejection,
     TopicKind,
     decode_telemetry,
 )
 from storage.interfaces import IngestStore
 from storage.records import DeviceBatch, DeviceEvent, DeviceStateRecord, QuarantineRow, RawMessage, TelemetryRow
+from storage.validation import (
+    DEFAULT_MAX_FUTURE_SKEW_S,
+    DeviceProfile,
+    RegisterMark,
+    VoltageRange,
+    advance,
+    check_reading,
+)
 
 log = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+_DUMP_M = Measurements.__pydantic_serializer__.to_json
+_DUMP_LOC = Location.__pydantic_serializer__.to_json
+_ENCODINGS = {TopicKind.TELEMETRY: Encoding.JSON, TopicKind.TELEMETRY_CBOR: Encoding.CBOR}
+#: Rejections that are physically implausible values, which also raise ``implausible_value``.
+_IMPLAUSIBLE = frozenset({QuarantineReason.IMPLAUSIBLE_VOLTAGE, QuarantineReason.REGISTER_DECREASED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +72,9 @@ class DeviceActorConfig:
     max_batch: int = 256
     idle_timeout: float = 300.0
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_batch_payload_bytes: int = DEFAULT_MAX_BATCH_PAYLOAD_BYTES
+    #: How far a reading's ``ts`` may be ahead of the node's clock.
+    max_future_skew: float = DEFAULT_MAX_FUTURE_SKEW_S
 
 
 class DeviceActor:
@@ -85,6 +110,13 @@ class DeviceActor:
         self._stale = 0
         self._stale_detail = ""
         self._last_reason = QuarantineReason.SCHEMA
+        self._implausible = 0
+        self._implausible_detail = ""
+        # The validation context, loaded in run().
+        self._profile: DeviceProfile | None = None
+        self._voltages: VoltageRange | None = None
+        self._registers: RegisterMark | None = None
+        self._profile_stale = False
 
     async def run(self) -> None:
         await self._writer.barrier()
@@ -108,6 +140,10 @@ class DeviceActor:
             self._online = record.online
             self._last_seen = record.last_seen
             self._connected_since = record.connected_since
+        context = await self._store.load_device_context(self.device_id, self._tracker.state.boot)
+        self._profile = context.profile
+        self._voltages = None if context.profile is None else context.profile.voltages
+        self._registers = context.registers
         while True:
             with anyio.move_on_after(self._config.idle_timeout) as idle:
                 try:
@@ -120,13 +156,24 @@ class DeviceActor:
                 continue
             await self._handle_batch(batch)
 
+    def reload_profile(self) -> None:
+        """Take the device's registration from the store again before the next batch."""
+        self._profile_stale = True
+
     async def _handle_batch(self, batch: list[DeviceMessage]) -> None:
         completions: list[Completion] = []
         self._events = []
         counters = self._tracker.counters
         missing, resets, quarantined = counters.missing, counters.resets, counters.quarantined
         self._stale = 0
+        self._implausible = 0
         try:
+            if self._profile_stale:
+                # Inside the try: when the store fails, this batch's completions fail too.
+                self._profile_stale = False
+                profile = (await self._store.load_device_context(self.device_id, None)).profile
+                self._profile = profile
+                self._voltages = None if profile is None else profile.voltages
             messages: list[RawMessage] = []
             for item in batch:
                 if self._fault_hook is not None:
@@ -180,6 +227,9 @@ class DeviceActor:
         if self._stale:
             detail = self._stale_detail
             alerts(AlertSignal(dev, AlertRule.STALE_BOOT, raised=True, detail=detail, at=at, count=self._stale))
+        if self._implausible:
+            detail, n = self._implausible_detail, self._implausible
+            alerts(AlertSignal(dev, AlertRule.IMPLAUSIBLE_VALUE, raised=True, detail=detail, at=at, count=n))
         if c.missing == missing and c.resets == resets:
             return
         st = self._tracker.state
@@ -205,37 +255,74 @@ class DeviceActor:
         # Liveness (online) comes from the connection events alone: a publish that waited in
         # the mailbox may be handled after its connection's DISCONNECTED event.
         self._last_seen = max(self._last_seen or 0.0, msg.received_at)
-        if msg.kind is TopicKind.TELEMETRY:
-            self._tracker.count_received()
-            result = decode_telemetry(msg.payload, device_id=self.device_id, max_bytes=self._config.max_payload_bytes)
-        elif msg.kind is TopicKind.TELEMETRY_CBOR:
-            self._tracker.count_received()
-            result = Rejection(QuarantineReason.UNSUPPORTED_ENCODING, "CBOR telemetry is not accepted yet")
-        else:
-            # status and command acks change liveness only, until commands exist.
+        encoding = _ENCODINGS.get(msg.kind)
+        if encoding is None:
+            # status and command acks change liveness only: acks are not telemetry, the command
+            # actor handles them (node.bridge.Bridge.admit) and this is only their sign of life.
             return None
+        cfg = self._config
+        result = decode_telemetry(
+            msg.payload,
+            device_id=self.device_id,
+            max_bytes=cfg.max_payload_bytes,
+            max_batch_bytes=cfg.max_batch_payload_bytes,
+            encoding=encoding,
+        )
         raw = RawMessage(msg.topic, msg.received_at, msg.payload)
-        if isinstance(result, Rejection):
+        if isinstance(result, Reading):
+            self._tracker.count_received()
+            self._sequence(raw, result, "")
+        elif isinstance(result, Batch):
+            # Every reading is a message of its own for the rules and the counters; the batch
+            # shares one raw payload, archived once, and one transaction with the others.
+            for index, item in enumerate(result.items):
+                self._tracker.count_received()
+                if isinstance(item, Reading):
+                    self._sequence(raw, item, f"readings[{index}]: ")
+                else:
+                    self._tracker.count_quarantined()
+                    self._quarantine(raw, item.reason, item.detail)
+        else:
+            self._tracker.count_received()
             self._tracker.count_quarantined()
             self._quarantine(raw, result.reason, result.detail)
-            return raw
-        return self._sequence(raw, result)
+        # A PUBLISH of duplicates only is neither stored nor archived again.
+        return raw if raw.telemetry or raw.quarantine else None
 
-    def _sequence(self, raw: RawMessage, reading: Reading) -> RawMessage | None:
-        verdict = self._tracker.observe(reading.boot, reading.seq)
-        if verdict.stores:
-            raw.telemetry.append(_row(reading))
-            self._stats.readings_stored += 1
-            if verdict.name == "LATE":
-                self._stats.readings_late += 1
-            return raw
-        if verdict.name == "DUPLICATE":
+    def _sequence(self, raw: RawMessage, reading: Reading, where: str) -> None:
+        tracker = self._tracker
+        verdict = tracker.peek(reading.boot, reading.seq)
+        if verdict is Verdict.DUPLICATE:
+            tracker.observe(reading.boot, reading.seq)
             self._stats.readings_duplicate += 1
-            return None
-        self._stale += 1
-        self._stale_detail = f"boot {reading.boot} is lower than the current boot {self._tracker.state.boot}"
-        self._quarantine(raw, QuarantineReason.STALE_BOOT, self._stale_detail)
-        return raw
+            return
+        if verdict is Verdict.STALE:
+            tracker.observe(reading.boot, reading.seq)
+            self._stale += 1
+            self._stale_detail = f"boot {reading.boot} is lower than the current boot {tracker.state.boot}"
+            self._quarantine(raw, QuarantineReason.STALE_BOOT, where + self._stale_detail)
+            return
+        rejection = check_reading(
+            reading,
+            profile=self._profile,
+            voltages=self._voltages,
+            received_at=raw.received_at,
+            max_future_skew=self._config.max_future_skew,
+            registers=self._registers,
+        )
+        tracker.observe(reading.boot, reading.seq, accept=rejection is None)
+        if rejection is not None:
+            detail = where + rejection.detail
+            if rejection.reason in _IMPLAUSIBLE:
+                self._implausible += 1
+                self._implausible_detail = detail
+            self._quarantine(raw, rejection.reason, detail)
+            return
+        raw.telemetry.append(_row(reading))
+        self._registers = advance(self._registers, reading)
+        self._stats.readings_stored += 1
+        if verdict is Verdict.LATE:
+            self._stats.readings_late += 1
 
     def _quarantine(self, raw: RawMessage, reason: QuarantineReason, detail: str) -> None:
         raw.quarantine.append(QuarantineRow(reason, detail))
@@ -258,10 +345,12 @@ class DeviceActor:
 
 
 def _row(reading: Reading) -> TelemetryRow:
+    loc = reading.loc
     return TelemetryRow(
-        boot=reading.boot,
-        seq=reading.seq,
-        ts_ms=(reading.ts - _EPOCH) // _MS,
-        m_json=reading.measurements.model_dump_json(exclude_none=True),
-        loc_json=reading.loc.model_dump_json() if reading.loc is not None else None,
+        reading.boot,
+        reading.seq,
+        (reading.ts - _EPOCH) // _MS,
+        # The serializer itself: model_dump_json() is a Python wrapper around the same call.
+        _DUMP_M(reading.m, exclude_none=True).decode(),
+        None if loc is None else _DUMP_LOC(loc).decode(),
     )

@@ -105,6 +105,13 @@ class Router:
                 continue  # the actor retired between lookup and send: start a fresh one
             return True
 
+    def device_changed(self, device_id: str) -> None:
+        """The device's registration changed: its running actor reloads its profile before its
+        next batch (an actor started later loads the new one anyway)."""
+        slot = self._slots.get(device_id)
+        if slot is not None:
+            slot.actor.reload_profile()
+
     async def close(self) -> None:
         """Stop taking messages, let every actor drain its mailbox, and return once all ended
         and what they handed to the writer is committed (the writer must still be running)."""

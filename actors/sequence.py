@@ -104,8 +104,39 @@ class SequenceTracker:
     def count_quarantined(self) -> None:
         self.state.counters.quarantined += 1
 
-    def observe(self, boot: int, seq: int) -> Verdict:
-        """Classify one reading and update the counters. Does not count ``received``."""
+    def peek(self, boot: int, seq: int) -> Verdict:
+        """What :meth:`observe` would say about ``(boot, seq)``, changing nothing."""
+        st = self.state
+        if st.boot is None or boot > st.boot:
+            return Verdict.STORE
+        if boot < st.boot:
+            return Verdict.STALE
+        if seq > st.high:
+            return Verdict.STORE
+        if seq < st.low:
+            return Verdict.LATE
+        i = bisect.bisect_right(self._starts, seq) - 1
+        if i >= 0 and seq <= st.gaps[i][1]:
+            return Verdict.LATE
+        return Verdict.DUPLICATE
+
+    def observe(self, boot: int, seq: int, *, accept: bool = True) -> Verdict:
+        """Classify one reading and update the counters. Does not count ``received``.
+
+        With ``accept=False`` a reading that would be stored is quarantined instead (it broke
+        a validation rule): its ``(boot, seq)`` is still taken as seen, so it opens no gap and
+        a redelivery of it is a duplicate, but it counts as ``quarantined``, not ``stored``.
+        """
+        verdict = self._observe(boot, seq)
+        if not accept and verdict.stores:
+            c = self.state.counters
+            c.stored -= 1
+            c.quarantined += 1
+            if verdict is Verdict.LATE:
+                c.late -= 1
+        return verdict
+
+    def _observe(self, boot: int, seq: int) -> Verdict:
         st = self.state
         c = st.counters
         if st.boot is None:

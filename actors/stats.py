@@ -23,6 +23,31 @@ class AlertStats:
 
 
 @dataclass(slots=True)
+class CommandStats:
+    """What :class:`actors.commands.CommandActor` counts. Keys are command states, ack statuses
+    and quarantine reasons: closed sets, safe as metric labels."""
+
+    #: Commands not final, by state (``queued``, ``sent``).
+    pending: dict[str, int] = field(default_factory=dict)
+    #: Commands that entered each state (a resend does not enter ``sent`` again).
+    transitions: dict[str, int] = field(default_factory=dict)
+    resends: int = 0
+    expirations: int = 0
+    #: Acks ignored, by why: ``unknown`` command, ``other_device``'s command, ``finished`` already.
+    acks_ignored: dict[str, int] = field(default_factory=dict)
+    #: Acks that could not be decoded, by quarantine reason.
+    acks_quarantined: dict[str, int] = field(default_factory=dict)
+    #: Connect/subscribe hints lost to a full mailbox (the periodic sweep makes up for them).
+    hints_dropped: int = 0
+
+    def count(self, state: str) -> None:
+        self.transitions[state] = self.transitions.get(state, 0) + 1
+
+    def count_quarantined(self, reason: str) -> None:
+        self.acks_quarantined[reason] = self.acks_quarantined.get(reason, 0) + 1
+
+
+@dataclass(slots=True)
 class IngestStats:
     publishes: int = 0
     readings_stored: int = 0
@@ -42,6 +67,7 @@ class IngestStats:
     acl_denied: dict[str, int] = field(default_factory=dict)
     connections: int = 0
     alerts: AlertStats = field(default_factory=AlertStats)
+    commands: CommandStats = field(default_factory=CommandStats)
 
     def count_quarantine(self, reason: str) -> None:
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1

@@ -85,6 +85,21 @@ def telemetry(device_id: str, boot: int, seq: int) -> bytes:
     return json.dumps(doc).encode()
 
 
+def telemetry_batch(device_id: str, boot: int, seq_start: int, count: int, encoding: str) -> bytes:
+    """A batched message of *count* readings from *seq_start* (``bench/backlog.py``'s load)."""
+    readings = []
+    for seq in range(seq_start, seq_start + count):
+        reading = json.loads(telemetry(device_id, boot, seq))
+        del reading["v"], reading["device_id"]
+        readings.append(reading)
+    doc = {"v": 2, "device_id": device_id, "readings": readings}
+    if encoding == "cbor":
+        import cbor2
+
+        return cbor2.dumps(doc)
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 # --------------------------------------------------------------------------- the load
 
 
@@ -106,6 +121,10 @@ class Spec:
     phase_timeout: float = 300.0
     hold_timeout: float = 300.0
     connect_concurrency: int = 64
+    #: Readings per PUBLISH: 0 sends single readings; more sends batched messages
+    #: (``messages`` is then PUBLISHes per device) in ``encoding`` ("json" or "cbor").
+    batch: int = 0
+    encoding: str = "json"
 
     @classmethod
     def load(cls, path: Path) -> Spec:
@@ -161,11 +180,16 @@ class DeviceConnection(asyncio.Protocol):
 
     # ---- setup
 
-    def prepare(self, count: int, boot: int, seq_start: int) -> None:
-        topic = f"iot/{self.device_id}/telemetry"
+    def prepare(self, count: int, boot: int, seq_start: int, batch: int = 0, encoding: str = "json") -> None:
+        topic = f"iot/{self.device_id}/telemetry" + ("/cbor" if encoding == "cbor" else "")
+        if batch:
+            payloads = [
+                telemetry_batch(self.device_id, boot, seq_start + i * batch, batch, encoding) for i in range(count)
+            ]
+        else:
+            payloads = [telemetry(self.device_id, boot, seq_start + i) for i in range(count)]
         self.packets = [
-            encode_publish(topic, telemetry(self.device_id, boot, seq_start + i), packet_id=packet_id_for(i))
-            for i in range(count)
+            encode_publish(topic, payload, packet_id=packet_id_for(i)) for i, payload in enumerate(payloads)
         ]
         self.scheduled = [0.0] * count
         self.sent_at = [0.0] * count
@@ -368,7 +392,7 @@ async def main_async(spec: Spec) -> int:
     try:
         counts = message_counts(spec, len(conns))
         for conn, count in zip(conns, counts, strict=True):
-            conn.prepare(count, spec.boot, spec.seq_start)
+            conn.prepare(count, spec.boot, spec.seq_start, spec.batch, spec.encoding)
         tally.expected = sum(counts)
         emit("ready", connect_s=connect_s, messages=tally.expected)
         await expect_line(stdin, "go", spec.connect_timeout)

@@ -35,6 +35,7 @@ def alert_config(settings: Settings) -> AlertConfig:
         quarantine_window=settings.alert_quarantine_window_s,
         acl_clear_after=settings.alert_acl_clear_after_s,
         stale_boot_clear_after=settings.alert_stale_boot_clear_after_s,
+        implausible_clear_after=settings.alert_implausible_clear_after_s,
         disabled=settings.alert_rules_disabled,
     )
 

@@ -33,6 +33,7 @@ from node.alerting import build_alerts, run_alerts, stop_alerts
 from node.auth import DeviceGate
 from node.bridge import Bridge
 from node.broker import NodeBroker, NodeProtocolHandler, broker_config
+from node.commands import build_commands, run_commands, stop_commands
 from node.config import Settings, parse_bind
 from node.fastpath import FastProtocolHandler
 from node.faults import FaultHooks, FaultyStore
@@ -106,13 +107,29 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     router = _router(settings, ingest_store, writer, stats, faults, alerts=alert_sink)
     gate = DeviceGate(reader, stats, concurrency=settings.auth_concurrency)
     bridge = Bridge(gate, router, stats, disconnect_on_denial=settings.disconnect_on_acl_denial, alerts=alert_sink)
+    # Commands (node/commands.py): acks, connects and subscriptions reach the actor through the bridge.
+    commands, deliverer = build_commands(settings, store, stats.commands, bridge)
+    commands_done = anyio.Event()
 
     async def on_revoked(device_id: str) -> None:
         gate.forget(device_id)
         await bridge.disconnect(device_id)
 
     readiness = {"storage": False, "broker": False, "http": False}
-    services = WebServices(reader=reader, store=store, stats=stats, readiness=readiness, on_revoked=on_revoked)
+
+    async def on_device_changed(device_id: str) -> None:
+        router.device_changed(device_id)
+
+    services = WebServices(
+        reader=reader,
+        store=store,
+        stats=stats,
+        readiness=readiness,
+        on_revoked=on_revoked,
+        on_device_changed=on_device_changed,
+    )
+    services.commands = commands
+    services.command_max_ttl_s = settings.command_max_ttl_s
     app = create_app(services)
 
     hc, http_addr = _http_config(settings.http_bind)
@@ -126,6 +143,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
         async with anyio.create_task_group() as tg:
             tg.start_soon(_run_writer, writer, writer_done, name="storage-writer")
             tg.start_soon(run_alerts, alerts, alerts_done, name="alerts")
+            tg.start_soon(run_commands, commands, commands_done, name="commands")
             await tg.start(router.run, name="router")
             readiness["storage"] = await reader.ping()
             stale = await store.mark_all_offline("node_restart")
@@ -148,6 +166,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             with anyio.CancelScope(shield=True):
                 await bridge.node_stopping()
                 await _drain(broker, router, writer, writer_done)
+                await stop_commands(commands, commands_done, deliverer)
                 await stop_alerts(alerts, alerts_done)
             tg.cancel_scope.cancel()
     finally:
@@ -166,7 +185,12 @@ def _router(
     *,
     alerts: AlertSink | None = None,
 ) -> Router:
-    actor = DeviceActorConfig(idle_timeout=settings.device_idle_timeout_s, max_payload_bytes=settings.max_payload_bytes)
+    actor = DeviceActorConfig(
+        idle_timeout=settings.device_idle_timeout_s,
+        max_payload_bytes=settings.max_payload_bytes,
+        max_batch_payload_bytes=settings.max_batch_payload_bytes,
+        max_future_skew=settings.telemetry_max_future_skew_s,
+    )
     config = RouterConfig(mailbox_capacity=settings.device_mailbox, actor=actor)
     return Router(store, writer, stats, config, fault_hook=faults.device, alerts=alerts)
 

@@ -1,10 +1,12 @@
 """The bridge between the embedded broker and the actors.
 
 The broker side (``node.broker``, ``node.plugins``) calls into a :class:`Bridge`; the bridge
-turns broker events into actor messages. It owns no task of its own: :meth:`ingest` runs in
-amqtt's per-packet task and awaits the device actor's mailbox and then the commit, so the
-PUBACK goes out only once the message is durable, and a meter's own in-flight window is the
-backpressure.
+turns broker events into actor messages. It owns no task of its own. Every device PUBLISH
+comes in through :meth:`Bridge.admit`, synchronously (the fast path's reader, or
+:meth:`ingest` in amqtt's per-packet task): telemetry and status go to the device's actor,
+command acks to the command actor. The PUBACK goes out only once the message's outcome is
+committed, and when a mailbox is full the reader awaits :meth:`Bridge.deliver`, so a meter's
+own in-flight window is the backpressure.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from actors.alerts import AlertRule, AlertSignal, AlertSink
+from actors.commands import CommandActor
 from actors.messages import Completion, Link, LinkEvent, Outcome, Publish
 from actors.router import Router
 from actors.stats import IngestStats
 from node.auth import DeviceGate
-from storage.contract import ParsedTopic
+from storage.contract import ParsedTopic, TopicKind, parse_topic
 
 if TYPE_CHECKING:
     from amqtt.session import Session
@@ -59,22 +62,47 @@ class Bridge:
         #: Where ACL denials go as ``acl_denial`` signals (never blocks; see actors.alerts).
         self.alerts = alerts
         self.broker: NodeBroker | None = None
+        #: Where command acks go and who hears of connects and subscriptions (node.commands).
+        self.commands: CommandActor | None = None
 
     def admit(self, parsed: ParsedTopic, topic: str, payload: bytes, done: Completion | None) -> Publish | None:
         """The one way in for a device's PUBLISH (the ACL was checked already), from the
         broker's fast path (node.fastpath, per message, so not a coroutine) and from
-        :meth:`ingest`. Hands it to the device's actor; returns it when the actor's mailbox is
-        full, and the caller then awaits ``router.deliver`` (the backpressure)."""
+        :meth:`ingest`. Hands it to the device's actor, or a command ack to the command actor;
+        returns it when that mailbox is full, and the caller then awaits :meth:`deliver` (the
+        backpressure). *done* resolves once the message's outcome is committed: for an ack,
+        the command's new state (so its PUBACK goes out after that, as for telemetry)."""
         msg = Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), done)
+        if msg.kind is TopicKind.COMMANDS_ACK and self.commands is not None:
+            if not self.commands.ack_nowait(msg.device_id, topic, payload, msg.received_at, done):
+                return msg
+            self._seen(msg)
+            return None
         return None if self.router.deliver_nowait(msg) else msg
 
+    async def deliver(self, msg: Publish) -> None:
+        """Wait for room for a message that :meth:`admit` returned, and hand it over."""
+        if msg.kind is TopicKind.COMMANDS_ACK and self.commands is not None:
+            await self.commands.ack(msg.device_id, msg.topic, msg.payload, msg.received_at, msg.done)
+            self._seen(msg)
+            return
+        await self.router.deliver(msg)
+
+    def _seen(self, ack: Publish) -> None:
+        """A command ack is not telemetry: the device actor only takes it as a sign of life
+        (``last_seen``), and the PUBACK does not wait for that. Never waits: with the device's
+        mailbox full, the messages queued there bring ``last_seen`` up to date anyway."""
+        self.router.deliver_nowait(
+            Publish(ack.device_id, TopicKind.COMMANDS_ACK, ack.topic, ack.payload, ack.received_at, None)
+        )
+
     async def ingest(self, parsed: ParsedTopic, topic: str, payload: bytes, *, wait: bool) -> Outcome:
-        """Deliver one PUBLISH to its device actor; with *wait*, return once it is durable
+        """Deliver one PUBLISH through :meth:`admit`; with *wait*, return once it is durable
         (amqtt's own reader: ``NodeProtocolHandler.handle_publish``, and QoS 2)."""
         if not wait:
             full = self.admit(parsed, topic, payload, None)
             if full is not None:
-                await self.router.deliver(full)
+                await self.deliver(full)
             return Outcome.DURABLE
         # A bare asyncio future: the cheapest thing to await once per PUBLISH (an anyio Event
         # costs several times more, measured in bench/ingest.py's profile).
@@ -86,8 +114,14 @@ class Bridge:
 
         full = self.admit(parsed, topic, payload, Completion(notify))
         if full is not None:
-            await self.router.deliver(full)
+            await self.deliver(full)
         return await future
+
+    def subscribed(self, client_id: str, topic: str) -> None:
+        """A device subscribed (amqtt's event hook, after the SUBACK): its commands may go now."""
+        parsed = parse_topic(topic)
+        if self.commands is not None and parsed is not None and parsed.kind is TopicKind.COMMANDS:
+            self.commands.hint(parsed.device_id)
 
     async def connected(self, session: Session) -> None:
         self.stats.connections += 1
@@ -96,6 +130,8 @@ class Bridge:
         if session.username:
             peer = f"{session.remote_address}:{session.remote_port}"
             await self.router.deliver(Link(session.username, LinkEvent.CONNECTED, time.time(), peer))
+            if self.commands is not None:
+                self.commands.hint(session.username)
 
     async def disconnected(self, session: Session) -> None:
         self.stats.connections -= 1

@@ -1,4 +1,4 @@
-"""The ``depot-node`` command: serve, keys create, healthcheck."""
+"""The ``depot-node`` command: serve, keys create, healthcheck, simulate."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import anyio
 import click
 
 from node.config import Settings, load_settings, parse_bind
+from node.sim.meter import SUPPLIES
 from storage.errors import ConfigError, NodeError
 from storage.secrets import ROLES, new_api_key
 
@@ -149,3 +150,122 @@ def healthcheck(config: Path | None, http_bind: str | None, timeout: float) -> N
         click.echo("unhealthy", err=True)
         sys.exit(1)
     click.echo("ok")
+
+
+@main.command()
+@click.option("--devices", type=click.IntRange(min=1), default=10, show_default=True, help="Simulated meters.")
+@click.option(
+    "--rate", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Readings/s per meter."
+)
+@click.option(
+    "--backlog",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Buffered readings per meter, sent first as batches.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(1, 1000), default=100, show_default=True, help="Most readings per batch."
+)
+@click.option(
+    "--faults",
+    default="",
+    metavar="NAME=P,...",
+    help="Probabilities: reboot, duplicate, gap (per reading), noack (per command), e.g. reboot=0.01,gap=0.01.",
+)
+@click.option(
+    "--mqtt",
+    "mqtt_addr",
+    default="127.0.0.1:1883",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="The node's MQTT listener.",
+)
+@click.option(
+    "--api", "api_url", metavar="URL", help="The node's HTTP API, to register the devices (with --admin-key)."
+)
+@click.option("--admin-key", envvar="DEPOT_NODE_ADMIN_KEY", help="Admin API key (or DEPOT_NODE_ADMIN_KEY).")
+@click.option(
+    "--secrets",
+    "secrets_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("sim-secrets.json"),
+    show_default=True,
+    help="Device secrets: written when registering, read otherwise.",
+)
+@click.option("--prefix", default="sim", show_default=True, help="Device ids are PREFIX-SUPPLY-NNNN.")
+@click.option(
+    "--supplies",
+    default=",".join(SUPPLIES),
+    show_default=True,
+    help="Supply systems to cycle through; each device is registered with its system's supply "
+    f"({', '.join(f'{k}={s.system.value}' for k, s in SUPPLIES.items())}).",
+)
+@click.option("--duration", type=click.FloatRange(min=0), help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the readings.")
+def simulate(  # click passes every flag by name
+    *,
+    devices: int,
+    rate: float,
+    backlog: int,
+    batch_size: int,
+    faults: str,
+    mqtt_addr: str,
+    api_url: str | None,
+    admin_key: str | None,
+    secrets_file: Path,
+    prefix: str,
+    supplies: str,
+    duration: float | None,
+    seed: int,
+) -> None:
+    """Run a fleet of simulated meters against a node: telemetry v2, faults, command answers."""
+    import logging
+    import threading
+
+    from node.sim.fleet import Fleet, FleetConfig, SimulatorError
+    from node.sim.meter import Faults
+
+    try:
+        parsed_faults = Faults.parse(faults)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--faults") from exc
+    try:
+        host, port = parse_bind(mqtt_addr)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--mqtt") from exc
+    if (api_url is None) != (admin_key is None):
+        raise click.UsageError("--api and --admin-key go together (to register the devices)")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    config = FleetConfig(
+        devices=devices,
+        rate=rate,
+        mqtt_host=host,
+        mqtt_port=port,
+        backlog=backlog,
+        batch_size=batch_size,
+        faults=parsed_faults,
+        api_url=api_url,
+        admin_key=admin_key,
+        secrets_file=secrets_file,
+        prefix=prefix,
+        supplies=tuple(s.strip() for s in supplies.split(",") if s.strip()),
+        seed=seed,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        fleet = Fleet(config)
+        fleet.start()
+    except SimulatorError as exc:
+        click.echo(f"depot-node simulate: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"{devices} meters connected to {mqtt_addr}", err=True)
+    try:
+        fleet.send_backlog()
+        fleet.run_until(stop, duration)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.stop()
+    click.echo(fleet.stats.summary())

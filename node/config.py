@@ -11,13 +11,18 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from actors.alerts import AlertRule
+from storage.contract import PUBLISH_KINDS, topic_for
 from storage.errors import ConfigError
+
+#: What a QoS 1 PUBLISH's remaining length holds besides its payload, at most: the topic's
+#: length prefix, the longest topic a device may publish to (a 64-character id) and the packet id.
+PUBLISH_OVERHEAD_BYTES: Final = 2 + max(len(topic_for("x" * 64, kind).encode()) for kind in PUBLISH_KINDS) + 2
 
 
 def _check_bind(value: str) -> str:
@@ -60,9 +65,16 @@ class Settings(BaseSettings):
     #: ``FULL`` survives power loss; ``NORMAL`` only a crash of the process (fewer fsyncs).
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     max_payload_bytes: int = Field(default=16 * 1024, ge=256, le=256 * 1024 * 1024)
+    #: Limit of a batched telemetry payload (up to 1,000 readings); a single reading keeps
+    #: ``max_payload_bytes``.
+    max_batch_payload_bytes: int = Field(default=512 * 1024, ge=256, le=256 * 1024 * 1024)
+    #: A reading whose device time is further ahead of the node's clock is quarantined.
+    telemetry_max_future_skew_s: float = Field(default=300.0, ge=0)
     max_connections: int = Field(default=0, ge=0, description="0 means unlimited")
     #: The largest MQTT packet a client may send; a larger one closes its connection before it
     #: is buffered. Payloads between ``max_payload_bytes`` and this are quarantined instead.
+    #: It must leave room for a full batch: at least ``max_batch_payload_bytes`` plus
+    #: :data:`PUBLISH_OVERHEAD_BYTES` (checked below).
     mqtt_max_packet_bytes: int = Field(default=1024 * 1024, ge=1024, le=268_435_455)
     #: The broker's fast path (node/fastpath.py, ADR 0012); false falls back to amqtt's reader.
     broker_fast_path: bool = True
@@ -101,6 +113,28 @@ class Settings(BaseSettings):
     #: stale_boot: cleared after this long without a stale reading (0, the default = never:
     #: the quarantined readings need someone to look at them).
     alert_stale_boot_clear_after_s: float = Field(default=0.0, ge=0)
+    #: implausible_value: cleared after this long without an implausible reading (0 = never).
+    alert_implausible_clear_after_s: float = Field(default=3600.0, ge=0)
+    # Commands (see actors/commands.py for the timing rules):
+    #: A sent command with no ack for this long is sent again (same command_id)…
+    command_ack_timeout_s: float = Field(default=30.0, gt=0, le=86400)
+    #: …up to this many deliveries in all; then it waits for its ack or its expiry.
+    command_max_attempts: int = Field(default=5, ge=1, le=100)
+    #: The longest ``ttl_s`` a command may ask for.
+    command_max_ttl_s: int = Field(default=7 * 86400, ge=1, le=365 * 86400)
+
+    @field_validator("mqtt_max_packet_bytes")
+    @classmethod
+    def _room_for_a_batch(cls, value: int, info: ValidationInfo) -> int:
+        # Declared after max_batch_payload_bytes, so that one is in info.data when it is valid.
+        batch = info.data.get("max_batch_payload_bytes")
+        if batch is not None and value < batch + PUBLISH_OVERHEAD_BYTES:
+            msg = (
+                f"must be at least max_batch_payload_bytes + {PUBLISH_OVERHEAD_BYTES} = "
+                f"{batch + PUBLISH_OVERHEAD_BYTES}, so that a full batch gets through the broker"
+            )
+            raise ValueError(msg)
+        return value
 
     @classmethod
     def settings_customise_sources(

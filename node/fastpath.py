@@ -405,7 +405,7 @@ class FastProtocolHandler(NodeProtocolHandler):
             if packet_type == PUBLISH and ((first >> 1) & 3) in (QOS_0, QOS_1):
                 full = self._publish(first, buf, i, end)
                 if full is not None:
-                    await self.bridge.router.deliver(full)  # the device's mailbox is full: wait
+                    await self.bridge.deliver(full)  # the actor's mailbox is full: wait
             elif packet_type == PINGREQ:
                 self.last_activity = self._last_rx
                 self._write(_PINGRESP)

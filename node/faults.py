@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from actors.messages import DeviceMessage
 from storage.interfaces import IngestStore
 from storage.records import DeviceBatch, DeviceStateRecord
+from storage.validation import DeviceContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,9 @@ class FaultyStore:
 
     async def load_device_state(self, device_id: str) -> DeviceStateRecord | None:
         return await self._inner.load_device_state(device_id)
+
+    async def load_device_context(self, device_id: str, boot: int | None) -> DeviceContext:
+        return await self._inner.load_device_context(device_id, boot)
 
     async def commit(self, batches: Sequence[DeviceBatch]) -> None:
         self._before_commit()

@@ -65,3 +65,7 @@ class DeviceAclPlugin(BaseTopicPlugin):
         if not allowed:
             self._bridge.denied(identity, action.value if action is not None else "unknown", topic)
         return allowed
+
+    async def on_broker_client_subscribed(self, *, client_id: str, topic: str, qos: int) -> None:
+        # Only granted subscriptions fire this event: the device's commands may go now.
+        self._bridge.subscribed(client_id, topic)

@@ -7,7 +7,8 @@
     ├── StartupError         a listener or file could not be opened (names which)
     ├── DeviceError          a device-level problem: unknown, revoked, bad identity
     │   ├── DeviceNotFound
-    │   └── DeviceExists
+    │   ├── DeviceExists
+    │   └── CommandConflict   an idempotency key came again with a different command
     └── StorageError         SQLite failed; the batch was not committed
         └── MigrationError   the schema could not be brought to the current version
 
@@ -53,3 +54,12 @@ class StorageError(NodeError):
 
 class MigrationError(StorageError):
     pass
+
+
+class CommandConflict(DeviceError):  # noqa: N818
+    """The idempotency key was used before, for this device, with a different command."""
+
+    def __init__(self, device_id: str, idempotency_key: str, command_id: str) -> None:
+        super().__init__(device_id, f"idempotency key {idempotency_key!r} was used for command {command_id}")
+        self.idempotency_key = idempotency_key
+        self.command_id = command_id

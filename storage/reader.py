@@ -19,8 +19,9 @@ from typing import Any
 
 import anyio
 
+from storage import command_sql
 from storage.errors import StorageError
-from storage.records import AlertRecord, DeviceStateRecord
+from storage.records import AlertRecord, CommandRecord, DeviceStateRecord
 from storage.sqlite import SELECT_ALERTS, alert_from_row, load_device_state
 
 
@@ -54,6 +55,8 @@ class DeviceRow:
     name: str | None
     created_at: float
     revoked_at: float | None
+    #: A :class:`storage.validation.SupplySystem` value; None when registered without one.
+    supply: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +153,8 @@ class Reader:
     async def device(self, device_id: str) -> tuple[DeviceRow, DeviceStateRecord | None] | None:
         def q(c: sqlite3.Connection) -> tuple[DeviceRow, DeviceStateRecord | None] | None:
             row = c.execute(
-                "SELECT device_id, type, name, created_at, revoked_at FROM devices WHERE device_id = ?", (device_id,)
+                "SELECT device_id, type, name, created_at, revoked_at, supply FROM devices WHERE device_id = ?",
+                (device_id,),
             ).fetchone()
             if row is None:
                 return None
@@ -163,7 +167,7 @@ class Reader:
 
         def q(c: sqlite3.Connection) -> Page[DeviceRow]:
             rows = c.execute(
-                "SELECT device_id, type, name, created_at, revoked_at FROM devices"
+                "SELECT device_id, type, name, created_at, revoked_at, supply FROM devices"
                 " WHERE device_id > ? ORDER BY device_id LIMIT ?",
                 (after, limit + 1),
             ).fetchall()
@@ -263,6 +267,19 @@ class Reader:
             return None if row is None else alert_from_row(row)
 
         return await self._run(q)
+
+    async def commands(self, device_id: str, state: str | None, limit: int, cursor: str | None) -> Page[CommandRecord]:
+        """*device_id*'s commands, newest first, each with its history; optionally of one state."""
+        before = decode_cursor(cursor, int)[0] if cursor else 2**62
+
+        def q(c: sqlite3.Connection) -> Page[CommandRecord]:
+            items, last = command_sql.read_commands(c, device_id, state, limit, before)
+            return Page(items, None if last is None else encode_cursor(last))
+
+        return await self._run(q)
+
+    async def command(self, device_id: str, command_id: str) -> CommandRecord | None:
+        return await self._run(lambda c: command_sql.read_command(c, device_id, command_id))
 
     async def ping(self) -> bool:
         return await self._run(lambda c: c.execute("SELECT 1").fetchone() == (1,))

@@ -7,12 +7,15 @@ its mailbox; the storage writer commits many of them in one transaction (group c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from storage.contract import QuarantineReason
 
 
-@dataclass(frozen=True, slots=True)
-class TelemetryRow:
+class TelemetryRow(NamedTuple):
+    """One stored reading. A named tuple, not a frozen dataclass: one is built per reading on
+    the batch path, and a frozen dataclass's ``__init__`` costs three times as much."""
+
     boot: int
     seq: int
     ts_ms: int
@@ -113,3 +116,72 @@ class AlertWrite:
     raised_at: float
     last_seen_at: float
     cleared_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandHistoryEntry:
+    """One state a command entered, and when (epoch seconds)."""
+
+    state: str
+    at: float
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    """One command as stored; ``state`` is a :class:`storage.command_contract.CommandState` value."""
+
+    command_id: str
+    device_id: str
+    name: str
+    args: dict[str, Any]
+    state: str
+    created_at: float
+    expires_at: float
+    attempts: int = 0
+    last_sent_at: float | None = None
+    created_by: str | None = None
+    idempotency_key: str | None = None
+    #: Filled by the read side only (the command actor does not keep histories in memory).
+    history: tuple[CommandHistoryEntry, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NewCommand:
+    """A command to insert ``queued``; *request* is the canonical JSON of what the caller asked,
+    compared when the same idempotency key comes again."""
+
+    command_id: str
+    device_id: str
+    name: str
+    args: dict[str, Any]
+    created_at: float
+    expires_at: float
+    request: str
+    created_by: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandChange:
+    """A command entered *state* (a resend enters ``sent`` again): the row is updated to these
+    values and one history entry is added. Applied in order, in one transaction per batch."""
+
+    command_id: str
+    state: str
+    at: float
+    attempts: int
+    last_sent_at: float | None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedAck:
+    """A command acknowledgement that could not be decoded, kept with its raw payload."""
+
+    device_id: str
+    topic: str
+    received_at: float
+    payload: bytes
+    reason: QuarantineReason
+    detail: str

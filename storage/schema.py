@@ -110,6 +110,50 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX alerts_by_state ON alerts (state, id);
     CREATE INDEX alerts_by_device ON alerts (device_id, id);
     """,
+    # 4 (creds), 5 (forward) and 6 (energy): the other feature groups' migrations, one entry
+    # each, go here at the final merge. Until then 7 and 8 below run as versions 4 and 5.
+    # 7: commands to devices and every state each one passed through (`queued → sent → acked
+    # | failed | expired`). At most one command per (device, idempotency key). `request` is the
+    # canonical JSON of what was asked (name, args, ttl_s), to tell a repeat from a conflict.
+    """
+    CREATE TABLE commands (
+        id              INTEGER PRIMARY KEY,
+        command_id      TEXT NOT NULL UNIQUE,
+        device_id       TEXT NOT NULL,
+        name            TEXT NOT NULL,
+        args            TEXT NOT NULL,
+        state           TEXT NOT NULL CHECK (state IN ('queued', 'sent', 'acked', 'failed', 'expired')),
+        created_at      REAL NOT NULL,
+        expires_at      REAL NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        last_sent_at    REAL,
+        created_by      TEXT,
+        idempotency_key TEXT,
+        request         TEXT NOT NULL
+    ) STRICT;
+    CREATE UNIQUE INDEX commands_idempotency ON commands (device_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX commands_by_device ON commands (device_id, id);
+    CREATE INDEX commands_unfinished ON commands (state) WHERE state IN ('queued', 'sent');
+
+    CREATE TABLE command_history (
+        id         INTEGER PRIMARY KEY,
+        command_id TEXT NOT NULL REFERENCES commands (command_id),
+        state      TEXT NOT NULL,
+        at         REAL NOT NULL,
+        detail     TEXT
+    ) STRICT;
+    CREATE INDEX command_history_by_command ON command_history (command_id, id);
+    """,
+    # 8 (issue #6, validation rules): a device's supply system (storage.validation.SupplySystem).
+    # NULL for devices registered before it, and for new ones registered without it: their
+    # voltage is checked against the widest range of their type.
+    """
+    ALTER TABLE devices ADD COLUMN supply TEXT CHECK (
+        supply IS NULL
+        OR supply IN ('dc_600v', 'dc_750v', 'dc_1500v', 'dc_3000v', 'ac_15kv_16.7hz', 'ac_25kv_50hz')
+    );
+    """,
 )
 
 

@@ -22,9 +22,21 @@ from typing import Any, Literal
 
 import anyio
 
+from storage import command_sql
+from storage.contract import Measurements
 from storage.errors import DeviceExists, StorageError
-from storage.records import AlertRecord, AlertWrite, DeviceBatch, DeviceStateRecord
+from storage.records import (
+    AlertRecord,
+    AlertWrite,
+    CommandChange,
+    CommandRecord,
+    DeviceBatch,
+    DeviceStateRecord,
+    NewCommand,
+    QuarantinedAck,
+)
 from storage.schema import migrate
+from storage.validation import DeviceContext, DeviceProfile, RegisterMark, SupplySystem
 
 Synchronous = Literal["FULL", "NORMAL"]
 
@@ -63,21 +75,35 @@ class SqliteStore:
     async def commit(self, batches: Sequence[DeviceBatch]) -> None:
         await self._run(lambda c: _commit(c, batches))
 
+    async def load_device_context(self, device_id: str, boot: int | None) -> DeviceContext:
+        return await self._run(lambda c: load_device_context(c, device_id, boot))
+
     # -- admin writes -----------------------------------------------------------------------
 
-    async def insert_device(self, device_id: str, type_: str, name: str | None, secret_hash: str) -> float:
+    async def insert_device(
+        self, device_id: str, type_: str, name: str | None, secret_hash: str, supply: str | None = None
+    ) -> float:
         """Register a device; raises :class:`DeviceExists`. Returns its creation time."""
 
         def run(c: sqlite3.Connection) -> float:
             created = time.time()
             try:
                 c.execute(
-                    "INSERT INTO devices (device_id, type, name, created_at, secret_hash) VALUES (?, ?, ?, ?, ?)",
-                    (device_id, type_, name, created, secret_hash),
+                    "INSERT INTO devices (device_id, type, name, created_at, secret_hash, supply)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (device_id, type_, name, created, secret_hash, supply),
                 )
             except sqlite3.IntegrityError as exc:
                 raise DeviceExists(device_id) from exc
             return created
+
+        return await self._run(run)
+
+    async def set_device_supply(self, device_id: str, supply: str | None) -> bool:
+        """Set (or, with None, clear) a device's supply system; False when there is no such device."""
+
+        def run(c: sqlite3.Connection) -> bool:
+            return c.execute("UPDATE devices SET supply = ? WHERE device_id = ?", (supply, device_id)).rowcount == 1
 
         return await self._run(run)
 
@@ -143,6 +169,22 @@ class SqliteStore:
 
         return await self._run(run)
 
+    # -- commands (the command actor is their only writer; storage/command_sql.py) --------------
+
+    async def create_command(self, new: NewCommand) -> tuple[CommandRecord, bool]:
+        return await self._run(lambda c: command_sql.create_command(c, new))
+
+    async def unfinished_commands(self) -> list[CommandRecord]:
+        return await self._run(command_sql.unfinished_commands)
+
+    async def command_owner(self, command_id: str) -> tuple[str, str] | None:
+        return await self._run(lambda c: command_sql.command_owner(c, command_id))
+
+    async def write_command_changes(
+        self, changes: Sequence[CommandChange], quarantined: Sequence[QuarantinedAck]
+    ) -> None:
+        await self._run(lambda c: command_sql.write_command_changes(c, changes, quarantined))
+
 
 def insert_api_key(conn: sqlite3.Connection, key_id: str, role: str, key_hash: str) -> None:
     conn.execute(
@@ -171,6 +213,21 @@ def load_device_state(conn: sqlite3.Connection, device_id: str) -> DeviceStateRe
         online=bool(online),
         connected_since=connected_since,
     )
+
+
+def load_device_context(conn: sqlite3.Connection, device_id: str, boot: int | None) -> DeviceContext:
+    """The device's profile and the registers of its newest stored reading in *boot*."""
+    row = conn.execute("SELECT type, supply FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+    profile = None if row is None else DeviceProfile(row[0], None if row[1] is None else SupplySystem(row[1]))
+    registers = None
+    if boot is not None:
+        # The unique (device_id, boot, seq) index makes this one seek.
+        last = conn.execute(
+            "SELECT seq, m FROM telemetry WHERE device_id = ? AND boot = ? ORDER BY seq DESC LIMIT 1", (device_id, boot)
+        ).fetchone()
+        if last is not None:
+            registers = RegisterMark(boot, last[0], Measurements.model_validate_json(last[1]))
+    return DeviceContext(profile, registers)
 
 
 _INSERT_RAW = "INSERT INTO raw_messages (id, device_id, topic, received_at, payload) VALUES (?, ?, ?, ?, ?)"

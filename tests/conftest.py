@@ -3,6 +3,11 @@
 ``--node-url``, ``--mqtt-url`` and ``--admin-key`` point the protocol tests
 (``tests/protocol``) at a node that is already running instead of one they start themselves;
 see ``tests/protocol/README.md``. Every other test ignores them.
+
+Hypothesis runs without its per-example deadline (the ``depot-node`` profile): the deadline
+is wall-clock time, and on a machine shared with other test suites it failed pure-CPU
+properties at random (``test_sequence``'s restart property took 352 ms of its 200 ms under
+load). What each property asserts is unchanged; a test that must bound time says so itself.
 """
 
 from __future__ import annotations
@@ -10,6 +15,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("depot-node", deadline=None)
+settings.load_profile("depot-node")
 
 #: The environment variable for --admin-key (a key on the command line lands in shell history).
 ADMIN_KEY_ENV = "DEPOT_NODE_TEST_ADMIN_KEY"

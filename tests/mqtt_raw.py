@@ -43,6 +43,15 @@ def publish(topic: str, payload: bytes, *, qos: int = 1, packet_id: int = 1, dup
     return bytes([header]) + _varlen(len(body)) + body
 
 
+def subscribe(topic: str, *, qos: int = 1, packet_id: int = 1) -> bytes:
+    body = struct.pack("!H", packet_id) + _str(topic) + bytes([qos])
+    return b"\x82" + _varlen(len(body)) + body
+
+
+def puback(packet_id: int) -> bytes:
+    return b"\x40\x02" + struct.pack("!H", packet_id)
+
+
 DISCONNECT = b"\xe0\x00"
 
 

@@ -19,6 +19,7 @@ from web.errors import register_error_handlers
 from web.metrics import build_registry
 from web.openapi import NodeOpenAPIProvider
 from web.routes import alerts, devices, events, operations, quarantine, telemetry
+from web.routes import commands as command_routes
 from web.services import WebServices
 
 TITLE: Final = "depot-node"
@@ -54,4 +55,5 @@ def create_app(services: WebServices) -> Quart:
     register_error_handlers(app)
     for blueprint in (operations.bp, devices.bp, events.bp, telemetry.bp, quarantine.bp, alerts.bp):
         app.register_blueprint(blueprint)
+    app.register_blueprint(command_routes.bp)
     return app

@@ -20,7 +20,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from actors.alerts import AlertRule
-from actors.stats import IngestStats
+from actors.commands import IGNORED_FINISHED, IGNORED_OTHER_DEVICE, IGNORED_UNKNOWN
+from actors.stats import CommandStats, IngestStats
+from storage.command_contract import CommandState
 from storage.contract import QuarantineReason
 
 PREFIX: Final = "depot_node_"
@@ -45,6 +47,12 @@ MQTT_CONNECTIONS: Final = PREFIX + "mqtt_connections"
 ALERTS_OPEN: Final = PREFIX + "alerts_open"
 ALERTS_RAISED: Final = PREFIX + "alerts_raised"
 ALERT_SIGNALS_DROPPED: Final = PREFIX + "alert_signals_dropped"
+COMMANDS_PENDING: Final = PREFIX + "commands_pending"
+COMMAND_TRANSITIONS: Final = PREFIX + "command_transitions"
+COMMAND_RESENDS: Final = PREFIX + "command_resends"
+COMMAND_EXPIRATIONS: Final = PREFIX + "command_expirations"
+COMMAND_ACKS_IGNORED: Final = PREFIX + "command_acks_ignored"
+COMMAND_ACKS_QUARANTINED: Final = PREFIX + "command_acks_quarantined"
 
 
 class IngestCollector(Collector):
@@ -102,6 +110,35 @@ class IngestCollector(Collector):
             "Alert signals lost because the alert actor's mailbox was full.",
             s.alerts.signals_dropped,
         )
+        yield from _command_metrics(s.commands)
+
+
+def _command_metrics(c: CommandStats) -> Iterable[Metric]:
+    states = dict.fromkeys((st.value for st in CommandState), 0)
+    yield _labelled_gauge(
+        COMMANDS_PENDING,
+        "Commands not final yet, by state (queued, sent).",
+        "state",
+        dict.fromkeys((CommandState.QUEUED.value, CommandState.SENT.value), 0) | c.pending,
+    )
+    yield _labelled_counter(
+        COMMAND_TRANSITIONS,
+        "Commands that entered each state (a resend is not counted).",
+        "state",
+        states | c.transitions,
+    )
+    yield _counter(COMMAND_RESENDS, "Commands sent again, with the same command_id, after no ack.", c.resends)
+    yield _counter(COMMAND_EXPIRATIONS, "Commands that expired before they were acknowledged.", c.expirations)
+    reasons = dict.fromkeys((IGNORED_UNKNOWN, IGNORED_OTHER_DEVICE, IGNORED_FINISHED), 0)
+    yield _labelled_counter(
+        COMMAND_ACKS_IGNORED,
+        "Command acks ignored: unknown command, another device's, or already final.",
+        "reason",
+        reasons | c.acks_ignored,
+    )
+    yield _labelled_counter(
+        COMMAND_ACKS_QUARANTINED, "Command acks quarantined as undecodable, by reason.", "reason", c.acks_quarantined
+    )
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

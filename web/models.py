@@ -19,6 +19,7 @@ from actors.alerts import AlertRule, AlertState, Severity
 from storage.contract import DEVICE_ID_PATTERN, DeviceType, format_ts, is_valid_device_id
 from storage.reader import DeviceRow, EventItem, QuarantineItem, TelemetryItem
 from storage.records import AlertRecord, DeviceStateRecord
+from storage.validation import SUPPLY_LIMITS, SupplySystem
 
 DEFAULT_PAGE: Final = 100
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -109,6 +110,24 @@ class DeviceCreate(BaseModel):
     device_id: DeviceId
     type: DeviceType
     name: str | None = Field(default=None, max_length=200)
+    #: The supply system (nominal voltage) the meter runs on: its readings' voltage is checked
+    #: against that system's EN 50163 range. Without it, against the widest range of its type.
+    supply: SupplySystem | None = None
+
+    @model_validator(mode="after")
+    def _supply_fits_type(self) -> Self:
+        if self.supply is not None and SUPPLY_LIMITS[self.supply].device_type != self.type:
+            msg = f"supply {self.supply.value!r} is not a supply of a {self.type}"
+            raise ValueError(msg)
+        return self
+
+
+class DeviceUpdate(BaseModel):
+    """What may change in a registration: the supply system (null: none, the widest range)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    supply: SupplySystem | None
 
 
 class Device(BaseModel):
@@ -119,6 +138,8 @@ class Device(BaseModel):
     name: str | None
     created_at: Timestamp
     revoked: bool
+    #: null: registered without one (voltage checked against the widest range of its type).
+    supply: SupplySystem | None = None
 
     @classmethod
     def from_row(cls, row: DeviceRow) -> Self:
@@ -128,6 +149,7 @@ class Device(BaseModel):
             name=row.name,
             created_at=epoch_to_ts(row.created_at),
             revoked=row.revoked_at is not None,
+            supply=None if row.supply is None else SupplySystem(row.supply),
         )
 
 

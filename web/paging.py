@@ -18,13 +18,19 @@ def page_limit(requested: int | None, max_page: int) -> int:
     if requested is None:
         return min(DEFAULT_PAGE, max_page)
     if requested > max_page:
-        error = FieldError(
-            loc=["query", "limit"], msg=f"Input should be less than or equal to {max_page}", type="less_than_equal"
-        )
-        raise ApiError(
-            HTTPStatus.UNPROCESSABLE_CONTENT,
-            "the request query is not valid (1 error)",
-            type_=VALIDATION,
-            extra={"errors": [error.model_dump()]},
-        )
+        raise above_maximum("query", "limit", max_page)
     return requested
+
+
+def above_maximum(source: str, name: str, maximum: int) -> ApiError:
+    """The 422 problem for a field above a maximum that comes from a setting, shaped like the
+    models' own validation errors (for static bounds, pydantic reports the same)."""
+    error = FieldError(
+        loc=[source, name], msg=f"Input should be less than or equal to {maximum}", type="less_than_equal"
+    )
+    return ApiError(
+        HTTPStatus.UNPROCESSABLE_CONTENT,
+        f"the request {source} is not valid (1 error)",
+        type_=VALIDATION,
+        extra={"errors": [error.model_dump()]},
+    )

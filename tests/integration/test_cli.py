@@ -85,6 +85,8 @@ def test_serve_keys_healthcheck_and_sigterm(tmp_path: Path, event_loop: str) -> 
         (["--mqtt-bind", "localhost"], {}, "mqtt_bind"),
         (["--http-bind", "127.0.0.1:99999"], {}, "http_bind"),
         ([], {"DEPOT_NODE_MAX_PAYLOAD_BYTES": "ten"}, "max_payload_bytes"),
+        # A full batch must fit in the broker's packet limit.
+        ([], {"DEPOT_NODE_MAX_BATCH_PAYLOAD_BYTES": str(2 << 20)}, "mqtt_max_packet_bytes"),
     ],
 )
 def test_bad_settings_fail_at_start_naming_the_setting(

@@ -199,7 +199,13 @@ async def test_packet_limit_is_a_setting_and_payloads_below_it_are_quarantined(t
     key = make_admin_key(tmp_path)
     async with anyio.create_task_group() as tg:
         node = await start_node(
-            tg, tmp_path, key, max_payload_bytes=1024, mqtt_max_packet_bytes=8192, broker_fast_path=True
+            tg,
+            tmp_path,
+            key,
+            broker_fast_path=True,
+            max_payload_bytes=1024,
+            max_batch_payload_bytes=4096,
+            mqtt_max_packet_bytes=8192,
         )
         secret = await node.register("fp-big")
         connect = mqtt_raw.connect("fp-big", "fp-big", secret)

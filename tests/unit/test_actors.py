@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import cbor2
 import pytest
 import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from actors.alerts import AlertRule, AlertSignal, AlertSink
 from actors.device import DeviceActorConfig
 from actors.messages import Completion, DeviceMessage, Link, LinkEvent, Outcome, Publish
 from actors.router import Router, RouterConfig
@@ -31,15 +33,19 @@ from actors.sequence import SequenceTracker
 from actors.stats import IngestStats
 from actors.supervisor import RestartPolicy, supervise
 from actors.writer import StorageWriter, WriteRequest
-from storage.contract import QuarantineReason, TopicKind, format_ts, topic_for
+from storage.contract import Measurements, QuarantineReason, TopicKind, format_ts, topic_for
 from storage.errors import StorageError
 from storage.records import DeviceBatch, DeviceStateRecord, RawMessage, TelemetryRow
+from storage.validation import DeviceContext, DeviceProfile, RegisterMark, SupplySystem
 
 #: A test that has not finished after this much virtual time is stuck (a completion that never
 #: resolves, a close that never returns); fail it instead of letting the clock jump forever.
 STUCK_AFTER = 24 * 3600.0
 
 BASE_TS = datetime(2026, 11, 23, 16, 5, tzinfo=UTC)
+#: Wall-clock receive times a day after BASE_TS (plus virtual time): the readings of these
+#: tests are in the device's past, as real ones are, and pass the future-timestamp rule.
+RECEIVED_BASE = (BASE_TS + timedelta(days=1)).timestamp()
 
 
 # -- payloads ---------------------------------------------------------------------------------
@@ -79,7 +85,7 @@ def publish(
         kind=kind,
         topic=topic_for(device_id, kind),
         payload=telemetry(device_id, boot, seq) if payload is None else payload,
-        received_at=trio.current_time(),
+        received_at=RECEIVED_BASE + trio.current_time(),
         done=Completion(),
     )
 
@@ -115,11 +121,23 @@ class FakeStore:
     hold: trio.Event | None = None
     #: How long a commit takes (virtual time): SQLite with fsync takes milliseconds.
     commit_seconds: float = 0.0
+    #: Registered devices (type, supply system); a device missing here is validated without.
+    profiles: dict[str, DeviceProfile] = field(default_factory=dict)
 
     async def load_device_state(self, device_id: str) -> DeviceStateRecord | None:
         await trio.lowlevel.checkpoint()
         self.loads.append(device_id)
         return self.states.get(device_id)
+
+    async def load_device_context(self, device_id: str, boot: int | None) -> DeviceContext:
+        """Like SQLite: the registered profile, and the registers of the highest stored seq of *boot*."""
+        await trio.lowlevel.checkpoint()
+        mine = [(seq, row) for (dev, b, seq), row in self.rows.items() if dev == device_id and b == boot]
+        mark = None
+        if boot is not None and mine:
+            seq, row = max(mine, key=lambda item: item[0])
+            mark = RegisterMark(boot, seq, Measurements.model_validate_json(row.m_json))
+        return DeviceContext(self.profiles.get(device_id), mark)
 
     async def commit(self, batches: Sequence[DeviceBatch]) -> None:
         self.attempts.append(trio.current_time())
@@ -184,12 +202,13 @@ async def running_node(
     *,
     config: RouterConfig | None = None,
     fault_hook: FaultHook | None = None,
+    alerts: AlertSink | None = None,
 ) -> AsyncIterator[Node]:
     """A writer and a router in a nursery, closed in shutdown order (router, then writer)."""
     store = store if store is not None else FakeStore()
     stats = IngestStats()
     writer = StorageWriter(store, stats)
-    router = Router(store, writer, stats, config, fault_hook=fault_hook)
+    router = Router(store, writer, stats, config, fault_hook=fault_hook, alerts=alerts)
     try:
         with trio.fail_after(STUCK_AFTER):
             async with trio.open_nursery() as nursery:
@@ -433,7 +452,7 @@ async def test_publishes_become_rows_and_counters(autojump_clock: trio.testing.M
                 QuarantineReason.SCHEMA,
                 QuarantineReason.DEVICE_MISMATCH,
                 QuarantineReason.NOT_UTF8_JSON,
-                QuarantineReason.UNSUPPORTED_ENCODING,
+                QuarantineReason.NOT_CBOR,
             ]
         )
         # Everything but the duplicate and the status message is archived raw.
@@ -641,3 +660,223 @@ def test_the_node_stores_what_the_tracker_decides(chunks: list[list[tuple[str, i
         assert store.stored(dev) == expected[dev]
         if tracker.state.boot is not None:
             assert store.counters(dev) == tracker.counters.as_dict()
+
+
+# -- batches, CBOR and the validation rules in the actor ------------------------------------------
+
+
+def batch_payload(device_id: str, boot: int, seqs: Iterable[int], **per_seq: dict[str, Any]) -> bytes:
+    """A batched message of the readings *seqs*; ``per_seq["s3"]`` overrides fields of seq 3."""
+    readings = []
+    for seq in seqs:
+        doc = json.loads(telemetry(device_id, boot, seq))
+        del doc["v"], doc["device_id"]
+        doc.update(per_seq.get(f"s{seq}", {}))
+        readings.append(doc)
+    return json.dumps({"v": 2, "device_id": device_id, "readings": readings}).encode()
+
+
+@pytest.mark.trio
+async def test_a_batch_is_one_group_and_a_bad_reading_is_quarantined_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FakeStore(hold=trio.Event())
+    async with running_node(store) as node:
+        payload = batch_payload("emu-1", 1, range(5), s2={"seq": "two"})
+        msg = publish("emu-1", payload=payload)
+        await node.router.deliver(msg)
+        await trio.testing.wait_all_tasks_blocked()
+        # Acknowledged only once every reading is committed: the commit is held.
+        assert done_of(msg).outcome is None
+        assert store.attempts
+        store.hold.set()
+        assert await done_of(msg).wait() is Outcome.DURABLE
+        assert store.stored("emu-1") == {(1, 0), (1, 1), (1, 3), (1, 4)}
+        assert store.counters("emu-1") == counters(received=5, stored=4, quarantined=1, missing=1)
+        # One raw payload archived for the whole batch, holding four rows and one quarantine.
+        ((_dev, raw),) = store.archived
+        assert [r.seq for r in raw.telemetry] == [0, 1, 3, 4]
+        assert [(q.reason, q.detail.split(":")[0]) for q in raw.quarantine] == [
+            (QuarantineReason.SCHEMA, "readings[2]")
+        ]
+        # The resend of the whole batch: every good reading is a duplicate now.
+        assert await node.send(publish("emu-1", payload=payload)) == [Outcome.DURABLE]
+        assert store.counters("emu-1")["duplicates"] == 4
+        assert len(store.archived) == 2  # the bad reading was quarantined again
+
+
+@pytest.mark.trio
+async def test_cbor_single_and_batch_give_the_rows_of_json(autojump_clock: trio.testing.MockClock) -> None:
+    async with running_node() as node:
+        single = json.loads(telemetry("j-1", 1, 0))
+        batch = json.loads(batch_payload("j-1", 1, range(1, 4)))
+        await node.send(
+            publish("j-1", payload=telemetry("j-1", 1, 0)), publish("j-1", payload=json.dumps(batch).encode())
+        )
+        single["device_id"] = batch["device_id"] = "c-1"
+        cbor = TopicKind.TELEMETRY_CBOR
+        await node.send(
+            publish("c-1", payload=cbor2.dumps(single), kind=cbor),
+            publish("c-1", payload=cbor2.dumps(batch), kind=cbor),
+        )
+        rows = node.store.rows
+        assert {k[1:]: v for k, v in rows.items() if k[0] == "c-1"} == {
+            k[1:]: v for k, v in rows.items() if k[0] == "j-1"
+        }
+        assert len(rows) == 8
+
+
+@pytest.mark.trio
+async def test_validation_rules_quarantine_and_raise_implausible_value(autojump_clock: trio.testing.MockClock) -> None:
+    signals: list[AlertSignal] = []
+    store = FakeStore(profiles={"ac-1": DeviceProfile("ac_meter", SupplySystem.AC_25K)})
+    ac = {
+        "voltage_v": 25100.0,
+        "current_a": 50.0,
+        "power_kw": 1200.0,
+        "energy_import_kwh": 10.0,
+        "energy_export_kwh": 1.0,
+        "frequency_hz": 50.0,
+        "power_factor": 0.97,
+    }
+    async with running_node(store, alerts=signals.append) as node:
+        payload = batch_payload(
+            "ac-1",
+            1,
+            range(6),
+            s0={"m": ac},
+            s1={"m": {**ac, "frequency_hz": None}},  # null is absent: an AC meter must send it
+            s2={"m": {**ac, "voltage_v": 5000.0}},  # neither a 25 kV line nor a dead one
+            s3={"m": {**ac, "energy_import_kwh": 9.5}},  # the register went down
+            s4={"m": ac, "ts": "2027-01-01T00:00:00Z"},  # from the future
+            s5={"m": {**ac, "energy_import_kwh": 10.5}},
+        )
+        assert await node.send(publish("ac-1", payload=payload)) == [Outcome.DURABLE]
+    assert store.stored("ac-1") == {(1, 0), (1, 5)}
+    reasons = [(r, q) for r, q in store.quarantined]
+    assert reasons == [
+        ("ac-1", QuarantineReason.MISSING_TYPE_FIELD),
+        ("ac-1", QuarantineReason.IMPLAUSIBLE_VOLTAGE),
+        ("ac-1", QuarantineReason.REGISTER_DECREASED),
+        ("ac-1", QuarantineReason.FUTURE_TIMESTAMP),
+    ]
+    # Quarantined readings were received: no gap, and they count as quarantined.
+    assert store.counters("ac-1") == counters(received=6, stored=2, quarantined=4)
+    implausible = [s for s in signals if s.rule is AlertRule.IMPLAUSIBLE_VALUE]
+    assert [(s.count, s.detail.split(":")[0]) for s in implausible] == [(2, "readings[3]")]
+    (burst,) = [s for s in signals if s.rule is AlertRule.QUARANTINE_BURST]
+    assert burst.count == 4
+
+
+@pytest.mark.trio
+async def test_registers_survive_a_restart_of_the_actor(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore()
+    async with running_node(store) as node:
+        await node.send(publish("emu-1", 3, 10), publish("emu-1", 3, 11))
+    # A new node on the same store: the actor reloads the registers of (3, 11) from the rows.
+    low = json.loads(telemetry("emu-1", 3, 12))
+    low["m"]["energy_import_kwh"] = 1.0
+    async with running_node(store) as node:
+        await node.send(publish("emu-1", payload=json.dumps(low).encode()))
+        assert store.quarantined == [("emu-1", QuarantineReason.REGISTER_DECREASED)]
+        # A redelivery of the quarantined reading is a duplicate: its seq was seen.
+        await node.send(publish("emu-1", payload=json.dumps(low).encode()))
+        assert store.counters("emu-1") == counters(received=4, stored=2, quarantined=1, duplicates=1)
+        # A reboot starts the registers afresh.
+        low["boot"] = 4
+        low["seq"] = 0
+        await node.send(publish("emu-1", payload=json.dumps(low).encode()))
+        assert (4, 0) in store.stored("emu-1")
+
+
+# Readings of one device: boots 0..2 and seqs 0..12 (so duplicates, gaps, late fills and stale
+# boots occur), each good or broken in one of the ways a rule catches; batches of 1..6.
+BROKEN = {
+    "good": {},
+    "schema": {"seq": "seven"},
+    "voltage": {"m": {"voltage_v": 5000.0, "current_a": 1.0, "power_kw": 1.0, "energy_import_kwh": 1e6,
+                      "energy_export_kwh": 1e6}},
+    "register": {"m": {"voltage_v": 1500.0, "current_a": 1.0, "power_kw": 1.0, "energy_import_kwh": 0.5,
+                       "energy_export_kwh": 0.0}},
+    "future": {"ts": "2099-01-01T00:00:00Z"},
+}  # fmt: skip
+batched_readings = st.lists(
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12), st.sampled_from(sorted(BROKEN))), min_size=1, max_size=6),
+    min_size=1,
+    max_size=6,
+)
+
+
+@given(batches=batched_readings)
+def test_a_batch_is_judged_exactly_as_its_readings_sent_one_by_one(
+    batches: list[list[tuple[int, int, str]]],
+) -> None:
+    """PROTOCOL.md: each reading of a batch follows every rule of a single message."""
+
+    def doc(boot: int, seq: int, kind: str) -> dict[str, Any]:
+        d = json.loads(telemetry("emu-1", boot, seq))
+        d.update(BROKEN[kind])
+        return d
+
+    async def scenario(form: str) -> FakeStore:
+        store = FakeStore(profiles={"emu-1": DeviceProfile("dc_meter", SupplySystem.DC_1500)})
+        async with running_node(store) as node:
+            for readings in batches:
+                docs = [doc(*r) for r in readings]
+                if form == "batches":
+                    body = {"v": 2, "device_id": "emu-1", "readings": [{**d, "v": None} for d in docs]}
+                    sent = [publish("emu-1", payload=json.dumps(body).encode())]
+                else:
+                    sent = [publish("emu-1", payload=json.dumps(d).encode()) for d in docs]
+                assert await node.send(*sent) == [Outcome.DURABLE] * len(sent)
+        return store
+
+    batched = trio.run(scenario, "batches", clock=trio.testing.MockClock(autojump_threshold=0))
+    single = trio.run(scenario, "singles", clock=trio.testing.MockClock(autojump_threshold=0))
+    assert batched.rows == single.rows
+    assert batched.counters("emu-1") == single.counters("emu-1")
+    assert batched.quarantined == single.quarantined
+    assert batched.rows_twice == single.rows_twice == []
+    # One raw payload per batch that stored or quarantined anything, one per such single message.
+    assert len(batched.archived) <= len(batches)
+
+
+# Payloads a device could send: arbitrary bytes, and documents with arbitrary values in the
+# fields of a single message or of a batch's reading, in JSON or CBOR.
+junk_values = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=30), st.lists(st.integers(), max_size=3)
+)
+
+
+@st.composite
+def device_payloads(draw: st.DrawFn) -> tuple[TopicKind, bytes]:
+    kind = draw(st.sampled_from([TopicKind.TELEMETRY, TopicKind.TELEMETRY_CBOR]))
+    if draw(st.booleans()):
+        return kind, draw(st.binary(max_size=300))
+    doc = json.loads(telemetry("emu-1", draw(st.integers(0, 3)), draw(st.integers(0, 20))))
+    target = doc
+    if draw(st.booleans()):
+        reading = {k: v for k, v in doc.items() if k not in ("v", "device_id")}
+        doc = {"v": 2, "device_id": "emu-1", "readings": [reading]}
+        target = reading
+    target[draw(st.sampled_from(["v", "device_id", "boot", "seq", "ts", "m", "loc", "readings"]))] = draw(junk_values)
+    if kind is TopicKind.TELEMETRY_CBOR:
+        return kind, cbor2.dumps(doc)
+    try:
+        return kind, json.dumps(doc).encode()
+    except ValueError:  # NaN is fine for json.dumps; only exotic values land here
+        return kind, b"{}"
+
+
+@given(st.lists(device_payloads(), min_size=1, max_size=8))
+def test_no_payload_crashes_the_device_actor(payloads: list[tuple[TopicKind, bytes]]) -> None:
+    """Bad input is quarantined and acknowledged; it never costs the device its actor."""
+
+    async def scenario() -> IngestStats:
+        async with running_node() as node:
+            sent = [publish("emu-1", payload=payload, kind=kind) for kind, payload in payloads]
+            assert await node.send(*sent) == [Outcome.DURABLE] * len(sent)
+            return node.stats
+
+    stats = trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert stats.actor_restarts == 0

@@ -215,6 +215,30 @@ def test_a_tracker_restarted_from_its_state_continues_identically(
     assert second.state == uninterrupted.state
 
 
+@given(deliveries=deliveries, data=st.data())
+def test_a_rejected_reading_moves_the_window_but_counts_as_quarantined(
+    deliveries: list[tuple[int, int]], data: st.DataObject
+) -> None:
+    """``observe(accept=False)``: a reading that broke a validation rule is seen (no gap, a
+    redelivery is a duplicate) but counted as quarantined instead of stored (or late)."""
+    rejected = data.draw(st.sets(st.integers(0, max(len(deliveries) - 1, 0))), label="rejected")
+    plain, checked = SequenceTracker(), SequenceTracker()
+    stored_rejected = late_rejected = 0
+    for i, (boot, seq) in enumerate(deliveries):
+        verdict = plain.observe(boot, seq)
+        assert checked.observe(boot, seq, accept=i not in rejected) is verdict
+        if i in rejected and verdict.stores:
+            stored_rejected += 1
+            late_rejected += verdict is Verdict.LATE
+    p, c = plain.state, checked.state
+    assert (c.boot, c.low, c.high, c.gaps) == (p.boot, p.low, p.high, p.gaps)
+    expected = p.counters.as_dict()
+    expected["stored"] -= stored_rejected
+    expected["late"] -= late_rejected
+    expected["quarantined"] += stored_rejected
+    assert c.counters.as_dict() == expected
+
+
 # -- the tracker against a plain model ------------------------------------------------------------
 
 
@@ -309,8 +333,10 @@ class DeviceDeliveries(RuleBasedStateMachine):
     def deliver(self, boot: int, seq: int) -> None:
         self.tracker.count_received()
         self.model.received += 1
+        peeked = self.tracker.peek(boot, seq)
         verdict = self.tracker.observe(boot, seq)
         assert verdict is self.model.observe(boot, seq), (boot, seq)
+        assert peeked is verdict, (boot, seq)  # peek foretells observe and changes nothing
         if verdict.stores:
             self.stored.append((boot, seq))
         self.delivered.append((boot, seq))

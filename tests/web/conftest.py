@@ -59,12 +59,27 @@ def revoked() -> list[str]:
 
 
 @pytest.fixture
-def services(reader: Reader, store: SqliteStore, revoked: list[str]) -> WebServices:
+def changed() -> list[str]:
+    """Device ids passed to ``on_device_changed``, in order."""
+    return []
+
+
+@pytest.fixture
+def services(reader: Reader, store: SqliteStore, revoked: list[str], changed: list[str]) -> WebServices:
     async def on_revoked(device_id: str) -> None:
         revoked.append(device_id)
 
+    async def on_device_changed(device_id: str) -> None:
+        changed.append(device_id)
+
     return WebServices(
-        reader=reader, store=store, stats=IngestStats(), readiness={}, on_revoked=on_revoked, max_page=MAX_PAGE
+        reader=reader,
+        store=store,
+        stats=IngestStats(),
+        readiness={},
+        on_revoked=on_revoked,
+        on_device_changed=on_device_changed,
+        max_page=MAX_PAGE,
     )
 
 

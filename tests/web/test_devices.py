@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -25,7 +26,8 @@ async def test_register_then_show(client: Client, admin: Headers, viewer: Header
     assert response.status_code == 201
     assert response.headers["Location"] == f"{DEVICES}/emu-4021-m1"
     created = await response.get_json()
-    assert set(created) == {"device_id", "type", "name", "created_at", "revoked", "secret"}
+    assert set(created) == {"device_id", "type", "name", "created_at", "revoked", "supply", "secret"}
+    assert created["supply"] is None  # registered without one: checked against any AC range
     assert created["device_id"] == "emu-4021-m1"
     assert created["type"] == "ac_meter"
     assert created["name"] == "EMU 4021 car 1"
@@ -40,8 +42,8 @@ async def test_register_then_show(client: Client, admin: Headers, viewer: Header
 
     shown = await (await client.get(f"{DEVICES}/emu-4021-m1", headers=viewer)).get_json()
     assert "secret" not in shown
-    assert {k: shown[k] for k in ("device_id", "type", "name", "created_at", "revoked")} == {
-        k: created[k] for k in ("device_id", "type", "name", "created_at", "revoked")
+    assert {k: shown[k] for k in ("device_id", "type", "name", "created_at", "revoked", "supply")} == {
+        k: created[k] for k in ("device_id", "type", "name", "created_at", "revoked", "supply")
     }
     # Never heard from: no state, every counter 0.
     assert shown["state"] == {
@@ -214,3 +216,64 @@ async def test_revoke_is_idempotent(client: Client, admin: Headers, register: Re
 async def test_revoke_unknown_is_404(client: Client, admin: Headers, revoked: list[str]) -> None:
     await assert_problem(await client.delete(f"{DEVICES}/nope", headers=admin), 404)
     assert revoked == []
+
+
+@pytest.mark.parametrize(
+    ("type_", "supply"),
+    [("dc_meter", "dc_750v"), ("dc_meter", "dc_3000v"), ("ac_meter", "ac_15kv_16.7hz"), ("ac_meter", "ac_25kv_50hz")],
+)
+async def test_register_with_a_supply_system(
+    client: Client, admin: Headers, viewer: Headers, type_: str, supply: str
+) -> None:
+    body = {"device_id": "m-1", "type": type_, "supply": supply}
+    created = await (await client.post(DEVICES, json=body, headers=admin)).get_json()
+    assert created["supply"] == supply
+    shown = await (await client.get(f"{DEVICES}/m-1", headers=viewer)).get_json()
+    assert shown["supply"] == supply
+    listed = await (await client.get(DEVICES, headers=viewer)).get_json()
+    assert [d["supply"] for d in listed["items"]] == [supply]
+
+
+@pytest.mark.parametrize(
+    ("type_", "supply"), [("dc_meter", "ac_25kv_50hz"), ("ac_meter", "dc_1500v"), ("dc_meter", "dc_1200v")]
+)
+async def test_a_supply_of_another_type_or_unknown_is_refused(
+    client: Client, admin: Headers, type_: str, supply: str
+) -> None:
+    response = await client.post(DEVICES, json={"device_id": "m-1", "type": type_, "supply": supply}, headers=admin)
+    problem = await assert_problem(response, 422)
+    assert "supply" in json.dumps(problem)
+
+
+async def test_set_the_supply_of_a_registered_device(
+    client: Client, admin: Headers, viewer: Headers, register: Register, changed: list[str]
+) -> None:
+    await register("old-1")  # registered without a supply, like every device before migration 8
+    response = await client.patch(f"{DEVICES}/old-1", json={"supply": "dc_750v"}, headers=admin)
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    body = await response.get_json()
+    assert body["supply"] == "dc_750v"
+    assert body["counters"]["received"] == 0
+    assert changed == ["old-1"]  # the running actor is told to reload it
+    shown = await (await client.get(f"{DEVICES}/old-1", headers=viewer)).get_json()
+    assert shown["supply"] == "dc_750v"
+    cleared = await client.patch(f"{DEVICES}/old-1", json={"supply": None}, headers=admin)
+    assert (await cleared.get_json())["supply"] is None
+
+
+async def test_setting_the_supply_is_refused_when_wrong(
+    client: Client, admin: Headers, viewer: Headers, register: Register, changed: list[str]
+) -> None:
+    await register("dc-1")
+    problem = await assert_problem(
+        await client.patch(f"{DEVICES}/dc-1", json={"supply": "ac_25kv_50hz"}, headers=admin), 422
+    )
+    assert "not a supply of a dc_meter" in problem["detail"]
+    await assert_problem(await client.patch(f"{DEVICES}/dc-1", json={"supply": "dc_1200v"}, headers=admin), 422)
+    await assert_problem(await client.patch(f"{DEVICES}/dc-1", json={}, headers=admin), 422)
+    await assert_problem(
+        await client.patch(f"{DEVICES}/dc-1", json={"supply": None, "type": "ac_meter"}, headers=admin), 422
+    )
+    await assert_problem(await client.patch(f"{DEVICES}/nope-1", json={"supply": None}, headers=admin), 404)
+    await assert_problem(await client.patch(f"{DEVICES}/dc-1", json={"supply": None}, headers=viewer), 403)
+    assert changed == []

@@ -19,6 +19,7 @@ from storage.errors import DeviceExists
 from storage.reader import DeviceRow
 from storage.records import DeviceStateRecord
 from storage.secrets import hash_device_secret, new_device_secret
+from storage.validation import SUPPLY_LIMITS
 from web.auth import requires
 from web.context import services
 from web.errors import DEVICE_EXISTS, ApiError
@@ -28,6 +29,7 @@ from web.models import (
     DeviceCreated,
     DeviceDetail,
     DevicePage,
+    DeviceUpdate,
     NoContent,
     PageQuery,
     epoch_to_ts,
@@ -67,7 +69,8 @@ async def create_device(data: DeviceCreate) -> tuple[DeviceCreated, int, dict[st
     # Argon2 costs ~20 ms of CPU: a worker thread, so the event loop keeps serving meters.
     secret_hash = await anyio.to_thread.run_sync(hash_device_secret, secret)
     try:
-        created = await services().store.insert_device(data.device_id, data.type, data.name, secret_hash)
+        supply = None if data.supply is None else data.supply.value
+        created = await services().store.insert_device(data.device_id, data.type, data.name, secret_hash, supply)
     except DeviceExists as exc:
         raise ApiError(HTTPStatus.CONFLICT, f"device {data.device_id!r} already exists", type_=DEVICE_EXISTS) from exc
     body = DeviceCreated(
@@ -76,6 +79,7 @@ async def create_device(data: DeviceCreate) -> tuple[DeviceCreated, int, dict[st
         name=data.name,
         created_at=epoch_to_ts(created),
         revoked=False,
+        supply=data.supply,
         secret=secret,
     )
     return body, HTTPStatus.CREATED, {"Location": f"{bp.url_prefix}/{data.device_id}"}
@@ -99,6 +103,29 @@ async def list_devices(query_args: PageQuery) -> DevicePage:
 @documents_problems(HTTPStatus.NOT_FOUND)
 async def get_device(device_id: str) -> DeviceDetail:
     """Show a device with its liveness, sequence state and counters."""
+    row, record = await find_device(device_id)
+    return DeviceDetail.from_records(row, record)
+
+
+@bp.patch("/<device_id>")
+@requires("admin")
+@validate_request(DeviceUpdate)
+@validate_response(DeviceDetail)
+@documents_problems(HTTPStatus.NOT_FOUND, HTTPStatus.UNPROCESSABLE_CONTENT)
+async def update_device(device_id: str, data: DeviceUpdate) -> DeviceDetail:
+    """Set a device's supply system, e.g. for a device registered before it had one.
+
+    Its readings are checked against the new range from the next message on. `null` clears it
+    (the widest range of the device's type).
+    """
+    row, _ = await find_device(device_id)
+    if data.supply is not None and SUPPLY_LIMITS[data.supply].device_type != row.type:
+        raise ApiError(
+            HTTPStatus.UNPROCESSABLE_CONTENT, f"supply {data.supply.value!r} is not a supply of a {row.type}"
+        )
+    svc = services()
+    await svc.store.set_device_supply(device_id, None if data.supply is None else data.supply.value)
+    await svc.on_device_changed(device_id)
     row, record = await find_device(device_id)
     return DeviceDetail.from_records(row, record)
 
