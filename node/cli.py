@@ -166,9 +166,7 @@ def ca_init(config: Path | None, data_dir: Path | None, server_names: tuple[str,
 @data_dir_option
 @click.option("--days", default=825, show_default=True, type=click.IntRange(1, 36500), help="Validity in days.")
 @click.option("--force", is_flag=True, help="Replace this device's certificate and key in --out.")
-def ca_issue(
-    device_id: str, out: Path, config: Path | None, data_dir: Path | None, days: int, *, force: bool
-) -> None:
+def ca_issue(device_id: str, out: Path, config: Path | None, data_dir: Path | None, days: int, *, force: bool) -> None:
     """Sign a client certificate for DEVICE_ID with the device CA."""
     from node.ca import CaError, issue_device
 
