@@ -146,9 +146,7 @@ async def test_certificate_from_another_ca_fails_the_handshake(mtls_node: Runnin
     init_ca(foreign)
     crt, key, _ = issue(foreign, "meter-x", tmp_path / "x")
     node_ca = node.data_dir / "tls" / "ca.crt"
-    result = await mosquitto_pub(
-        tls_port(node), "meter-x", "iot/meter-x/telemetry", b"{}", ca=node_ca, cert=(crt, key)
-    )
+    result = await mosquitto_pub(tls_port(node), "meter-x", "iot/meter-x/telemetry", b"{}", ca=node_ca, cert=(crt, key))
     assert result.returncode != 0
     assert await node.telemetry("meter-x") == []
 
@@ -235,7 +233,7 @@ async def test_tls_1_1_is_refused_and_1_2_accepted(tls_node: RunningNode) -> Non
         old = ssl.TLSVersion.TLSv1_1
     # asyncio's TLS transport closes on a failed handshake, so the client sees either the
     # protocol_version alert or an EOF; the same client offering TLS 1.2 gets through.
-    with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION|UNEXPECTED_EOF"):
+    with pytest.raises(ssl.SSLError, match=r"PROTOCOL_VERSION|UNEXPECTED_EOF"):
         await anyio.to_thread.run_sync(_handshake, port, ca, old)
     assert await anyio.to_thread.run_sync(_handshake, port, ca, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
 
