@@ -1,10 +1,11 @@
-"""A small device CA for sites without a PKI: ``depot-node ca init`` and ``ca issue``.
+"""A small device CA for sites without a PKI: ``depot-node ca init``, ``server-cert``, ``issue``.
 
 ``init`` writes, under ``DATA_DIR/tls`` (mode 0700): the CA certificate and key, and a server
 certificate for the MQTT TLS listener signed by it (subjectAltName localhost, 127.0.0.1, ::1
-and any extra names). ``issue`` signs a client certificate for one device (CN and DNS
-subjectAltName = device id, extendedKeyUsage clientAuth) and writes ``DEVICE_ID.crt``,
-``DEVICE_ID.key`` and ``ca.crt`` into a directory of the operator's choice, for the meter.
+and any extra names); ``server-cert`` renews that server certificate with the same CA.
+``issue`` signs a client certificate for one device (CN and DNS subjectAltName = device id,
+extendedKeyUsage clientAuth) and writes ``DEVICE_ID.crt``, ``DEVICE_ID.key`` and ``ca.crt``
+into a directory of the operator's choice, for the meter.
 
 Keys are ECDSA P-256 (small, fast, supported by mosquitto, paho and embedded TLS stacks)
 and are written unencrypted with mode 0600, created with that mode so they are never
@@ -150,15 +151,35 @@ def init_ca(data_dir: Path, *, server_names: Iterable[str] = (), days: int = CA_
         .add_extension(_key_usage(ca=True), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    names = [*LOOPBACK_NAMES, *server_names]
-    server_cert, server_key = _leaf(
-        ca_cert, ca_key, common_name="depot-node", names=names, usage=ExtendedKeyUsageOID.SERVER_AUTH, days=LEAF_DAYS
-    )
     _write(tls_dir / CA_KEY, _pem_key(ca_key), private=True, force=force)
     _write(tls_dir / CA_CERT, _pem(ca_cert), private=False, force=force)
-    _write(tls_dir / SERVER_KEY, _pem_key(server_key), private=True, force=force)
-    _write(tls_dir / SERVER_CERT, _pem(server_cert), private=False, force=force)
+    _write_server_cert(tls_dir, ca_cert, ca_key, server_names, force=force)
     return tls_dir
+
+
+def _write_server_cert(
+    tls_dir: Path,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    server_names: Iterable[str],
+    *,
+    force: bool,
+) -> None:
+    names = [*LOOPBACK_NAMES, *server_names]
+    cert, key = _leaf(
+        ca_cert, ca_key, common_name="depot-node", names=names, usage=ExtendedKeyUsageOID.SERVER_AUTH, days=LEAF_DAYS
+    )
+    _write(tls_dir / SERVER_KEY, _pem_key(key), private=True, force=force)
+    _write(tls_dir / SERVER_CERT, _pem(cert), private=False, force=force)
+
+
+def renew_server(data_dir: Path, *, server_names: Iterable[str] = ()) -> Path:
+    """Replace the server certificate and key with new ones from the existing CA (device
+    certificates stay valid); return the certificate's path. The node reads it at start."""
+    ca_cert, ca_key = _load_ca(data_dir)
+    tls_dir = data_dir / TLS_DIRNAME
+    _write_server_cert(tls_dir, ca_cert, ca_key, server_names, force=True)
+    return tls_dir / SERVER_CERT
 
 
 def _load_ca(data_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -129,10 +129,7 @@ def ca() -> None:
     """A device CA for sites without their own PKI (files under DATA_DIR/tls)."""
 
 
-@ca.command("init")
-@config_option
-@data_dir_option
-@click.option(
+server_name_option = click.option(
     "--server-name",
     "server_names",
     multiple=True,
@@ -140,6 +137,12 @@ def ca() -> None:
     help="Another DNS name or IP address for the server certificate (repeatable); "
     "localhost, 127.0.0.1 and ::1 are always in it.",
 )
+
+
+@ca.command("init")
+@config_option
+@data_dir_option
+@server_name_option
 @click.option("--force", is_flag=True, help="Replace an existing CA (every device certificate must be reissued).")
 def ca_init(config: Path | None, data_dir: Path | None, server_names: tuple[str, ...], *, force: bool) -> None:
     """Create the device CA and the TLS listener's server certificate."""
@@ -152,6 +155,22 @@ def ca_init(config: Path | None, data_dir: Path | None, server_names: tuple[str,
         raise click.ClickException(str(exc)) from exc
     click.echo(f"Created the device CA and the server certificate in {tls_dir}.")
     click.echo("Keep ca.key secret and off the node if you can: it signs device certificates.")
+
+
+@ca.command("server-cert")
+@config_option
+@data_dir_option
+@server_name_option
+def ca_server_cert(config: Path | None, data_dir: Path | None, server_names: tuple[str, ...]) -> None:
+    """Renew the TLS listener's server certificate with the existing CA (restart the node after)."""
+    from node.ca import CaError, renew_server
+
+    settings = _settings(config, data_dir=data_dir)
+    try:
+        cert = renew_server(settings.data_dir, server_names=server_names)
+    except CaError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Wrote {cert}; device certificates stay valid. Restart the node to use it.")
 
 
 @ca.command("issue")

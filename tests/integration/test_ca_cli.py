@@ -57,6 +57,24 @@ def test_ca_init_does_not_overwrite_an_existing_ca(tmp_path: Path) -> None:
     assert mode(tmp_path / "tls" / "ca.key") == 0o600
 
 
+def test_ca_server_cert_renews_the_server_certificate_only(tmp_path: Path) -> None:
+    assert cli("ca", "init", "--data-dir", str(tmp_path)).returncode == 0
+    tls = tmp_path / "tls"
+    ca_key, old_server = (tls / "ca.key").read_bytes(), (tls / "server.crt").read_bytes()
+    result = cli("ca", "server-cert", "--data-dir", str(tmp_path), "--server-name", "depot-7.example.net")
+    assert result.returncode == 0, result.stderr
+    assert (tls / "ca.key").read_bytes() == ca_key
+    assert (tls / "server.crt").read_bytes() != old_server
+    assert mode(tls / "server.key") == 0o600
+    server = load(tls / "server.crt")
+    server.verify_directly_issued_by(load(tls / "ca.crt"))
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "depot-7.example.net" in san.get_values_for_type(x509.DNSName)
+    missing = cli("ca", "server-cert", "--data-dir", str(tmp_path / "none"))
+    assert missing.returncode != 0
+    assert "depot-node ca init" in missing.stderr
+
+
 def test_ca_issue_writes_a_device_certificate_that_chains_to_the_ca(tmp_path: Path) -> None:
     data, out = tmp_path / "data", tmp_path / "out"
     assert cli("ca", "init", "--data-dir", str(data)).returncode == 0
