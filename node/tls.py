@@ -82,19 +82,24 @@ def current_transport() -> Transport:
 
 
 def peer_certificate(der: bytes) -> PeerCertificate:
-    cert = x509.load_der_x509_certificate(der)
-    names = {str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
+    """Describe a certificate OpenSSL has verified. One that ``cryptography`` cannot parse
+    (OpenSSL is more lenient) names nobody, so it identifies no device."""
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names.update(san.get_values_for_type(x509.DNSName))
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        client_auth = ExtendedKeyUsageOID.CLIENT_AUTH in eku
-    except x509.ExtensionNotFound:
-        client_auth = True
-    return PeerCertificate(frozenset(names), client_auth, cert.subject.rfc4514_string())
+        cert = x509.load_der_x509_certificate(der)
+        names = {str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names.update(san.get_values_for_type(x509.DNSName))
+        except x509.ExtensionNotFound:
+            pass
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            client_auth = ExtendedKeyUsageOID.CLIENT_AUTH in eku
+        except x509.ExtensionNotFound:
+            client_auth = True
+        return PeerCertificate(frozenset(names), client_auth, cert.subject.rfc4514_string())
+    except ValueError:
+        return PeerCertificate(frozenset(), client_auth=True, subject="(unparseable)")
 
 
 def certificate_refusal(cert: PeerCertificate, client_id: str | None, username: str | None) -> str | None:

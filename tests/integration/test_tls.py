@@ -154,6 +154,17 @@ async def test_without_certificate_with_anothers_or_after_revocation_refused(
     assert [r["seq"] for r in rows] == [2]
 
 
+async def test_the_plain_listener_still_takes_passwords_when_tls_requires_certificates(
+    mtls_node: RunningNode, devices: list[Device]
+) -> None:
+    # mqtts_require_client_cert is about the TLS listener; the plain one (loopback by default)
+    # is turned off with mqtt_plain_enabled = false, which production does (docs/security.md).
+    secret = await mtls_node.register("meter-l")
+    dev = Device(mtls_node.mqtt_port, "meter-l", secret)
+    devices.append(dev)
+    assert (await dev.aconnect()).value == 0
+
+
 @needs_mosquitto
 async def test_certificate_from_another_ca_fails_the_handshake(mtls_node: RunningNode, tmp_path: Path) -> None:
     node = mtls_node

@@ -77,3 +77,9 @@ def test_the_server_certificate_is_not_a_client_certificate(ca_dir: Path) -> Non
     assert "node.depot.example" in server.names
     assert not server.client_auth
     assert certificate_refusal(server, "localhost", None) == "certificate_not_for_clients"
+
+
+def test_an_unparseable_certificate_identifies_nobody() -> None:
+    peer = peer_certificate(b"\x30\x03\x02\x01\x00")
+    assert peer.names == frozenset()
+    assert certificate_refusal(peer, "meter-1", None) == "certificate_mismatch"
