@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any, Final, cast
 
 from amqtt.broker import Broker
@@ -40,6 +41,7 @@ from amqtt.session import Session
 
 from actors.messages import Outcome
 from node.bridge import Bridge, set_disconnect_reason
+from node.tls import note_transport
 from storage.contract import PUBLISH_KINDS, parse_topic
 
 log = logging.getLogger(__name__)
@@ -187,12 +189,15 @@ class NodeBroker(Broker):
         self,
         config: dict[str, Any],
         bridge: Bridge,
+        tls_context: ssl.SSLContext | None = None,
         *,
         handler_class: type[NodeProtocolHandler] = NodeProtocolHandler,
         max_packet_bytes: int = 1 << 20,
     ) -> None:
         super().__init__(config)
         self.bridge = bridge
+        #: The TLS listener's context, built by node.tls (used instead of amqtt's own).
+        self.tls_context = tls_context
         #: NodeProtocolHandler (amqtt's reader) or node.fastpath.FastProtocolHandler.
         self.handler_class = handler_class
         self.max_packet_bytes = max_packet_bytes
@@ -292,6 +297,7 @@ class NodeBroker(Broker):
         # transport is never closed: asyncio logs "exception was never retrieved" and, worse,
         # Server.wait_closed() waits for that transport forever at shutdown. Whatever happened,
         # the connection is over when amqtt returns: close the transport (idempotent).
+        note_transport(writer)  # TLS and client certificate, for the auth plugin (node/tls.py)
         try:
             await super().stream_connected(reader, writer, listener_name)
         except (OSError, asyncio.IncompleteReadError) as exc:
@@ -299,6 +305,14 @@ class NodeBroker(Broker):
         finally:
             writer.close()
             self._restore_session_table()
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:  # type: ignore[override]
+        # amqtt builds its own context from file names (ssl.create_default_context, which
+        # has no explicit minimum version); the node's is built and checked in node/tls.py.
+        if self.tls_context is None:
+            msg = "a TLS listener is configured without a TLS context"
+            raise ValueError(msg)
+        return self.tls_context
 
     async def enforce_inactivity(self, silence: float) -> None:
         """Close sessions that sent no PUBLISH or PINGREQ for *silence* seconds, by the node's
@@ -327,13 +341,34 @@ class NodeBroker(Broker):
         return bool(handlers)
 
 
-def broker_config(bridge: Bridge, *, host: str, port: int, max_connections: int) -> dict[str, Any]:
-    """The amqtt configuration: one TCP listener, our two plugins, nothing else."""
+#: amqtt requires a listener named "default"; the TLS one is "mqtts", or "default" when alone.
+PLAIN_LISTENER: Final = "default"
+TLS_LISTENER: Final = "mqtts"
+
+
+def broker_config(
+    bridge: Bridge,
+    *,
+    host: str,
+    port: int,
+    max_connections: int,
+    tls_bind: tuple[str, int] | None = None,
+    plain: bool = True,
+) -> dict[str, Any]:
+    """The amqtt configuration: the TCP listener(s), our two plugins, nothing else."""
     # No brackets even for IPv6: amqtt splits at the last colon, and would pass "[::1]"
     # with its brackets on to getaddrinfo.
-    bind = f"{host}:{port}"
+    listeners: dict[str, dict[str, Any]] = {}
+    if plain:
+        listeners[PLAIN_LISTENER] = {"type": "tcp", "bind": f"{host}:{port}", "max_connections": max_connections}
+    if tls_bind is not None:
+        name = TLS_LISTENER if plain else PLAIN_LISTENER
+        tls_host, tls_port = tls_bind
+        listeners[name] = {
+            "type": "tcp", "bind": f"{tls_host}:{tls_port}", "max_connections": max_connections, "ssl": True,
+        }  # fmt: skip
     return {
-        "listeners": {"default": {"type": "tcp", "bind": bind, "max_connections": max_connections}},
+        "listeners": listeners,
         "plugins": {
             "node.plugins.DeviceAuthPlugin": {"bridge": bridge},
             "node.plugins.DeviceAclPlugin": {"bridge": bridge},

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from actors.alerts import AlertRule
@@ -99,6 +99,43 @@ class Settings(BaseSettings):
     #: stale_boot: cleared after this long without a stale reading (0, the default = never:
     #: the quarantined readings need someone to look at them).
     alert_stale_boot_clear_after_s: float = Field(default=0.0, ge=0)
+
+    # TLS (node/tls.py; production set-up in docs/security.md):
+    #: The TLS MQTT listener. Setting ``mqtts_bind`` (file, env or --mqtts-bind) turns it on.
+    mqtts_enabled: bool = False
+    mqtts_bind: Bind = "127.0.0.1:8883"
+    #: Refuse a TLS session without a client certificate from the device CA (mutual TLS).
+    mqtts_require_client_cert: bool = False
+    #: Server certificate (chain), its key and the device CA; by default the files that
+    #: ``depot-node ca init`` wrote under ``DATA_DIR/tls``. Sites with a PKI point these at theirs.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    #: The plain (unencrypted) MQTT listener on ``mqtt_bind``; off in production (TLS only).
+    mqtt_plain_enabled: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bind_enables_tls(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mqtts_bind" in data and "mqtts_enabled" not in data:
+            return {**data, "mqtts_enabled": True}
+        return data
+
+    @field_validator("mqtts_require_client_cert")
+    @classmethod
+    def _require_cert_needs_tls(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("mqtts_enabled"):
+            msg = "needs the TLS listener (set mqtts_bind or mqtts_enabled)"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("mqtt_plain_enabled")
+    @classmethod
+    def _some_listener(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value and not info.data.get("mqtts_enabled"):
+            msg = "with the plain listener off, the TLS listener must be on (set mqtts_bind or mqtts_enabled)"
+            raise ValueError(msg)
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -16,6 +16,7 @@ import amqtt.broker
 import amqtt.mqtt.packet
 import amqtt.mqtt.protocol.broker_handler
 import amqtt.mqtt.protocol.handler
+import amqtt.plugins.manager
 
 from node.broker import AMQTT_VERSION
 
@@ -69,6 +70,18 @@ PINNED = {
     "StreamWriterAdapter.__init__": (amqtt.adapters.StreamWriterAdapter.__init__, "9612036ac78e5ab2"),
     "StreamWriterAdapter.write": (amqtt.adapters.StreamWriterAdapter.write, "a204e5a548e08184"),
     "MQTTFixedHeader.__init__": (amqtt.mqtt.packet.MQTTFixedHeader.__init__, "0051f99b0b811f71"),
+    # TLS (node/tls.py): _create_ssl_context is replaced by the node's own context, which
+    # _start_listeners asks for. The client certificate reaches the auth plugin through a
+    # context variable set in stream_connected: that needs _client_connected to authenticate
+    # in the connection's own task and _map_plugin_method to run plugins with ensure_future
+    # (which copies the context).
+    "Broker._create_ssl_context": (amqtt.broker.Broker._create_ssl_context, "a08eef5bbc53bf9a"),
+    "Broker._start_listeners": (amqtt.broker.Broker._start_listeners, "5ac2d716d33babb4"),
+    "Broker._client_connected": (amqtt.broker.Broker._client_connected, "432b724bc4fb7946"),
+    "PluginManager._map_plugin_method": (
+        amqtt.plugins.manager.PluginManager._map_plugin_method,
+        "54c50c05df3ad189",
+    ),
 }
 
 
