@@ -6,7 +6,10 @@ its Argon2id hash. Hashing runs in worker threads under a limiter (``auth_concur
 a reconnect storm queues there instead of stalling the event loop that carries telemetry.
 
 A successful check is remembered as a keyed digest of the secret (not the secret), so a
-device that reconnects does not pay for Argon2 again; revoking a device forgets it.
+device that reconnects does not pay for Argon2 again. Revoking, disabling or rotating a
+device *forgets* it: the cached digest goes, and the device's generation moves on, so a check
+that was already past the database read (waiting for Argon2 with the old hash) reads the
+credentials again instead of accepting the old secret or caching it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from storage.secrets import verify_device_secret
 
 log = logging.getLogger(__name__)
 
+#: Checks of one CONNECT restarted by credential changes before it is refused.
+_MAX_ATTEMPTS: Final = 3
+
 #: Why a CONNECT was refused; the values are metric label values (a closed set).
 REFUSALS: Final = (
     "bad_identity",
@@ -33,6 +39,7 @@ REFUSALS: Final = (
     "no_password",
     "unknown_device",
     "revoked",
+    "disabled",
     "bad_secret",
     "bad_will_topic",
 )
@@ -45,9 +52,18 @@ class DeviceGate:
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._pepper = secrets.token_bytes(32)
         self._verified: dict[str, bytes] = {}
+        #: Bumped by :meth:`forget`; a check started under an older generation starts over.
+        self._generation: dict[str, int] = {}
 
     def forget(self, device_id: str) -> None:
+        """The device's credentials changed: drop what was verified, and restart checks in flight."""
         self._verified.pop(device_id, None)
+        self._generation[device_id] = self._generation.get(device_id, 0) + 1
+
+    def generation(self, device_id: str) -> int:
+        """How many times *device_id* was forgotten; a session authenticated under an older
+        generation was accepted with credentials that no longer hold."""
+        return self._generation.get(device_id, 0)
 
     async def check(
         self, client_id: str | None, username: str | None, password: str | None, will_topic: str | None = None
@@ -70,18 +86,28 @@ class DeviceGate:
             return "client_id_mismatch"
         if not password:
             return "no_password"
-        creds = await self._reader.credentials(username)
-        if creds is None:
-            return "unknown_device"
-        if creds.revoked:
-            self.forget(username)
-            return "revoked"
         digest = hmac.new(self._pepper, password.encode(), hashlib.sha256).digest()
-        cached = self._verified.get(username)
-        if cached is not None and hmac.compare_digest(cached, digest):
+        for _ in range(_MAX_ATTEMPTS):
+            generation = self.generation(username)
+            creds = await self._reader.credentials(username)
+            if creds is None:
+                return "unknown_device"
+            if creds.revoked:
+                self._verified.pop(username, None)
+                return "revoked"
+            if creds.disabled:
+                return "disabled"
+            cached = self._verified.get(username)
+            if cached is not None and hmac.compare_digest(cached, digest):
+                return None
+            ok = await anyio.to_thread.run_sync(
+                verify_device_secret, creds.secret_hash, password, limiter=self._limiter
+            )
+            if self.generation(username) != generation:
+                continue  # rotated, disabled or revoked meanwhile: what was read is stale
+            if not ok:
+                return "bad_secret"
+            self._verified[username] = digest
             return None
-        ok = await anyio.to_thread.run_sync(verify_device_secret, creds.secret_hash, password, limiter=self._limiter)
-        if not ok:
-            return "bad_secret"
-        self._verified[username] = digest
-        return None
+        # Credentials changing faster than a check completes: refuse, the device retries.
+        return "bad_secret"

@@ -14,6 +14,7 @@ from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from node.bridge import set_auth_generation
 from storage.contract import TopicKind, may_publish, may_subscribe, parse_topic
 
 
@@ -28,7 +29,14 @@ class DeviceAuthPlugin(BaseAuthPlugin):
 
     async def authenticate(self, *, session: Session) -> bool | None:
         will_topic = session.will_topic if session.will_flag else None
-        return bool(await self._bridge.gate.check(session.client_id, session.username, session.password, will_topic))
+        gate = self._bridge.gate
+        # Taken before the check: a rotation, disable or revocation committed while this CONNECT
+        # is between its check and its registration as live is caught by Bridge.connected.
+        generation = gate.generation(session.username or "")
+        ok = bool(await gate.check(session.client_id, session.username, session.password, will_topic))
+        if ok:
+            set_auth_generation(session, generation)
+        return ok
 
     async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
         await self._bridge.connected(client_session)
