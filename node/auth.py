@@ -55,6 +55,11 @@ class DeviceGate:
         #: Bumped by :meth:`forget`; a check started under an older generation starts over.
         self._generation: dict[str, int] = {}
 
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        """Bounds the Argon2 verifications running at once (``auth_concurrency``)."""
+        return self._limiter
+
     def forget(self, device_id: str) -> None:
         """The device's credentials changed: drop what was verified, and restart checks in flight."""
         self._verified.pop(device_id, None)
