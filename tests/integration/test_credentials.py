@@ -41,9 +41,7 @@ async def disconnect_reasons(node: RunningNode, device_id: str) -> list[str]:
     return [e["detail"] for e in page["items"] if e["event"] == "disconnected"]
 
 
-async def test_rotation_closes_the_session_and_refuses_the_old_secret(
-    node: RunningNode, devices: list[Device]
-) -> None:
+async def test_rotation_closes_the_session_and_refuses_the_old_secret(node: RunningNode, devices: list[Device]) -> None:
     old = await node.register("meter-a")
     dev = Device(node.mqtt_port, "meter-a", old)
     devices.append(dev)
@@ -133,15 +131,14 @@ async def test_a_check_in_flight_during_a_rotation_is_refused(tmp_path: Path) ->
         async def connect() -> None:
             results.append(await gate.check("meter-g", "meter-g", "old-secret"))
 
-        async with anyio.create_task_group() as tg:
-            # Park the check at the Argon2 limiter, after its credentials read.
-            async with gate.limiter:
-                tg.start_soon(connect)
-                with anyio.fail_after(10):
-                    while gate.limiter.statistics().tasks_waiting == 0:
-                        await anyio.sleep(0.01)
-                await store.rotate_device_secret("meter-g", hash_device_secret("new-secret"), by=Actor("test"))
-                gate.forget("meter-g")
+        # Holding the Argon2 limiter parks the check there, after its credentials read.
+        async with anyio.create_task_group() as tg, gate.limiter:
+            tg.start_soon(connect)
+            with anyio.fail_after(10):
+                while gate.limiter.statistics().tasks_waiting == 0:
+                    await anyio.sleep(0.01)
+            await store.rotate_device_secret("meter-g", hash_device_secret("new-secret"), by=Actor("test"))
+            gate.forget("meter-g")
         assert results == [False]
         assert not await gate.check("meter-g", "meter-g", "old-secret")
         assert await gate.check("meter-g", "meter-g", "new-secret")

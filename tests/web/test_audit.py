@@ -11,10 +11,9 @@ from quart.typing import TestClientProtocol as Client
 from storage.audit import Actor, AuditAction, AuditEntry
 from storage.sqlite import SqliteStore
 
-from .test_alerts import key_id, write
-
 from .conftest import MAX_PAGE, Headers, Register
 from .problems import assert_problem
+from .test_alerts import key_id, write
 
 pytestmark = pytest.mark.anyio
 
