@@ -164,6 +164,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             tg.cancel_scope.cancel()
     finally:
         writer.fail_pending()
+        gate.close()
         reader.close()
         store.close()
         log.info("stopped")

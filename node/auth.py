@@ -1,9 +1,13 @@
 """Who may connect: the device gate behind the broker's auth plugin.
 
 A device connects with username = device id = client id and password = its secret. The gate
-checks the id's shape, that the device is registered and not revoked, and the secret against
-its Argon2id hash. Hashing runs in worker threads under a limiter (``auth_concurrency``), so
-a reconnect storm queues there instead of stalling the event loop that carries telemetry.
+checks the id's shape, that the device is registered, not revoked and not disabled, and the
+secret against its Argon2id hash. Verifications run in the gate's own pool of
+``auth_concurrency`` threads, which run at a lower CPU priority (nice +10) than the rest of
+the process: in a reconnect storm they queue there and take the CPU that is left over, so the
+event loop that carries telemetry and the SQLite commit thread are not starved
+(``bench/reconnect_storm.py``, ``docs/benchmarks.md``). They must not share anyio's worker
+threads: a lowered priority would stay with the thread and slow the next commit that ran on it.
 
 A successful check is remembered as a keyed digest of the secret (not the secret), so a
 device that reconnects does not pay for Argon2 again. Revoking, disabling or rotating a
@@ -14,10 +18,14 @@ credentials again instead of accepting the old secret or caching it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 import anyio
@@ -31,6 +39,19 @@ log = logging.getLogger(__name__)
 
 #: Checks of one CONNECT restarted by credential changes before it is refused.
 _MAX_ATTEMPTS: Final = 3
+#: Niceness added to the Argon2 threads: the CFS weight of nice 10 is about a tenth of nice 0,
+#: so when the CPU is contended the event loop and the commit thread get ~90 % of it.
+ARGON2_NICE: Final = 10
+
+
+def _lower_priority() -> None:
+    # Linux: PRIO_PROCESS with a thread id sets that thread's niceness only. Elsewhere, or
+    # where it is not permitted, the pool runs at normal priority: slower telemetry in a
+    # storm, nothing worse.
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ARGON2_NICE)
+    except (OSError, AttributeError):
+        log.debug("cannot lower the priority of the Argon2 threads", exc_info=True)
 
 #: Why a CONNECT was refused; the values are metric label values (a closed set).
 REFUSALS: Final = (
@@ -50,10 +71,15 @@ class DeviceGate:
         self._reader = reader
         self._stats = stats
         self._limiter = anyio.CapacityLimiter(concurrency)
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="argon2", initializer=_lower_priority)
         self._pepper = secrets.token_bytes(32)
         self._verified: dict[str, bytes] = {}
         #: Bumped by :meth:`forget`; a check started under an older generation starts over.
         self._generation: dict[str, int] = {}
+
+    def close(self) -> None:
+        """Stop the verification threads (after the broker stopped; running ones finish)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -105,9 +131,9 @@ class DeviceGate:
             cached = self._verified.get(username)
             if cached is not None and hmac.compare_digest(cached, digest):
                 return None
-            ok = await anyio.to_thread.run_sync(
-                verify_device_secret, creds.secret_hash, password, limiter=self._limiter
-            )
+            async with self._limiter:
+                loop = asyncio.get_running_loop()
+                ok = await loop.run_in_executor(self._pool, verify_device_secret, creds.secret_hash, password)
             if self.generation(username) != generation:
                 continue  # rotated, disabled or revoked meanwhile: what was read is stale
             if not ok:

@@ -48,8 +48,17 @@ class SqliteStore:
         self.path = path
         self._conn = connect(path, synchronous=synchronous)
         self._limiter = anyio.CapacityLimiter(1)
+        # Device actors load their state through a read connection of their own, not the
+        # writer's: a reconnect storm starts a thousand actors at once, and their loads queued
+        # on the writer's limiter made every commit (and so every PUBACK) wait behind them
+        # (bench/reconnect_storm.py). An actor loads only after a writer barrier, so what it
+        # reads here is everything committed for it.
+        self._state_conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=30.0)
+        self._state_conn.execute("PRAGMA query_only=ON")
+        self._state_limiter = anyio.CapacityLimiter(1)
 
     def close(self) -> None:
+        self._state_conn.close()
         self._conn.close()
 
     async def _run[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -61,7 +70,12 @@ class SqliteStore:
     # -- ingest ---------------------------------------------------------------------------
 
     async def load_device_state(self, device_id: str) -> DeviceStateRecord | None:
-        return await self._run(lambda c: load_device_state(c, device_id))
+        try:
+            return await anyio.to_thread.run_sync(
+                load_device_state, self._state_conn, device_id, limiter=self._state_limiter
+            )
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from exc
 
     async def commit(self, batches: Sequence[DeviceBatch]) -> None:
         await self._run(lambda c: _commit(c, batches))

@@ -123,9 +123,9 @@ async def test_a_check_in_flight_during_a_rotation_is_refused(tmp_path: Path) ->
     path = tmp_path / "gate.sqlite3"
     store = SqliteStore(path, synchronous="NORMAL")
     reader = Reader(path)
+    gate = DeviceGate(reader, IngestStats(), concurrency=1)
     try:
         await store.insert_device("meter-g", "dc_meter", None, hash_device_secret("old-secret"))
-        gate = DeviceGate(reader, IngestStats(), concurrency=1)
         results: list[bool] = []
 
         async def connect() -> None:
@@ -143,6 +143,7 @@ async def test_a_check_in_flight_during_a_rotation_is_refused(tmp_path: Path) ->
         assert not await gate.check("meter-g", "meter-g", "old-secret")
         assert await gate.check("meter-g", "meter-g", "new-secret")
     finally:
+        gate.close()
         reader.close()
         store.close()
 
