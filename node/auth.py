@@ -53,6 +53,7 @@ def _lower_priority() -> None:
     except (OSError, AttributeError):
         log.debug("cannot lower the priority of the Argon2 threads", exc_info=True)
 
+
 #: Why a CONNECT was refused; the values are metric label values (a closed set).
 REFUSALS: Final = (
     "bad_identity",

@@ -286,8 +286,9 @@ class DeviceEventOut(BaseModel):
     event: Literal["connected", "disconnected", "will_published"]
     #: For a connect, the peer address; for a disconnect why: ``clean`` (DISCONNECT packet),
     #: ``connection_lost`` (socket closed without one), ``keepalive_expired``, ``revoked``,
-    #: ``secret_rotated``, ``disabled``, ``credentials_changed``, ``closed_by_node``, ``node_stopping``, ``node_restart`` (the node stopped without
-    #: recording it: a crash or a kill); for ``will_published`` the will's topic and payload.
+    #: ``secret_rotated``, ``disabled``, ``credentials_changed``, ``closed_by_node``,
+    #: ``node_stopping``, ``node_restart`` (the node stopped without recording it: a crash or a
+    #: kill); for ``will_published`` the will's topic and payload.
     detail: str
 
     @classmethod
