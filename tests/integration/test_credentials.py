@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -153,3 +154,28 @@ async def _metrics(node: RunningNode) -> str:
         resp = await client.get("/metrics")
     assert resp.status_code == 200
     return resp.text
+
+
+async def test_a_session_accepted_just_before_a_change_is_closed_once_live(
+    node: RunningNode, devices: list[Device], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The change lands after the CONNECT's check passed but before its session is live (so
+    closing the device's live sessions missed it): the bridge closes it as soon as it is."""
+    secret = await node.register("meter-late")
+    check = DeviceGate.check
+
+    async def check_then_change(self: DeviceGate, client_id: str | None, username: str | None, *args: Any) -> bool:
+        ok = await check(self, client_id, username, *args)
+        if ok and username == "meter-late":
+            self.forget(username)  # what a rotation committed at this moment does
+        return ok
+
+    monkeypatch.setattr(DeviceGate, "check", check_then_change)
+    dev = Device(node.mqtt_port, "meter-late", secret)
+    devices.append(dev)
+    assert (await dev.aconnect()).value == 0
+    await wait_disconnected(dev)
+    dev.client.loop_stop()
+    with anyio.fail_after(10):
+        while "credentials_changed" not in await disconnect_reasons(node, "meter-late"):
+            await anyio.sleep(0.05)
