@@ -87,3 +87,11 @@ async def test_rotating_keeps_a_disabled_device_disabled(client: Client, admin: 
     await client.post(f"{DEVICES}/emu-1/disable", headers=admin)
     assert (await client.post(f"{DEVICES}/emu-1/secret", headers=admin)).status_code == 200
     assert (await (await client.get(f"{DEVICES}/emu-1", headers=admin)).get_json())["disabled"] is True
+
+
+async def test_openapi_statuses(client: Client) -> None:
+    spec = await (await client.get("/openapi.json")).get_json()
+    for action in ("secret", "disable", "enable"):
+        operation = spec["paths"][f"/api/v1/devices/{{device_id}}/{action}"]["post"]
+        assert set(operation["responses"]) == {"200", "401", "403", "404", "409"}, action
+        assert operation["x-required-role"] == "admin"
