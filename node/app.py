@@ -113,12 +113,25 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     )
     bridge = Bridge(gate, router, stats, disconnect_on_denial=settings.disconnect_on_acl_denial, alerts=alert_sink)
 
-    async def on_revoked(device_id: str) -> None:
+    async def on_credentials_changed(device_id: str, reason: str) -> None:
+        # After the commit: the gate forgets the old verification (and restarts checks in
+        # flight), then the live session goes; a reconnect is checked against the new state.
         gate.forget(device_id)
-        await bridge.disconnect(device_id)
+        await bridge.disconnect(device_id, reason)
+
+    async def on_revoked(device_id: str) -> None:
+        await on_credentials_changed(device_id, "revoked")
 
     readiness = {"storage": False, "broker": False, "http": False}
-    services = WebServices(reader=reader, store=store, stats=stats, readiness=readiness, on_revoked=on_revoked)
+    services = WebServices(
+        reader=reader,
+        store=store,
+        stats=stats,
+        readiness=readiness,
+        on_revoked=on_revoked,
+        on_credentials_changed=on_credentials_changed,
+        metrics_require_key=settings.metrics_require_key,
+    )
     app = create_app(services)
 
     hc, http_addr = _http_config(settings.http_bind)
@@ -160,6 +173,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             tg.cancel_scope.cancel()
     finally:
         writer.fail_pending()
+        gate.close()
         reader.close()
         store.close()
         log.info("stopped")

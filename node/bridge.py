@@ -34,12 +34,23 @@ log = logging.getLogger(__name__)
 #: every session's ``__dict__`` by ~1.5 KB.)
 DISCONNECT_REASON: Final = "_depot_node_disconnect_reason"
 
+#: Key in a ``Session``'s ``attributes`` set by the auth plugin: the device's credential
+#: generation (:meth:`node.auth.DeviceGate.generation`) when its CONNECT was checked (in that
+#: dict rather than on the session, like DISCONNECT_REASON).
+AUTH_GENERATION: Final = "_depot_node_auth_generation"
+
 _DEVICE_ACTIONS: Final = frozenset({"publish", "subscribe"})
+#: How long :meth:`Bridge.connected` waits for a stale session to be registered as live.
+_STALE_CLOSE_WAIT: Final = 5.0
 
 
 def set_disconnect_reason(session: Session, reason: str, *, overwrite: bool = False) -> None:
     if overwrite or session.attributes.get(DISCONNECT_REASON) is None:
         session.attributes[DISCONNECT_REASON] = reason
+
+
+def set_auth_generation(session: Session, generation: int) -> None:
+    session.attributes[AUTH_GENERATION] = generation
 
 
 class Bridge:
@@ -96,6 +107,28 @@ class Bridge:
         if session.username:
             peer = f"{session.remote_address}:{session.remote_port}"
             await self.router.deliver(Link(session.username, LinkEvent.CONNECTED, time.time(), peer))
+            generation = session.attributes.get(AUTH_GENERATION)
+            if generation is not None and generation != self.gate.generation(session.username):
+                await self._close_stale(session)
+
+    async def _close_stale(self, session: Session) -> None:
+        """Close a session whose credentials changed between its check and now.
+
+        The device's sessions were closed when the change was committed, but this one was not
+        live yet (between its CONNACK and its registration): close it once it is.
+        """
+        log.info("closing MQTT session of %r: its credentials changed while it connected", session.client_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _STALE_CLOSE_WAIT
+        while self.broker is not None and loop.time() < deadline:
+            for handler in list(self.broker.live.get(session.client_id or "", [])):
+                if handler.session is session:
+                    set_disconnect_reason(session, "credentials_changed", overwrite=True)
+                    await handler.handle_connection_closed()
+                    return
+            if session.transitions.is_disconnected():
+                return
+            await asyncio.sleep(0.01)
 
     async def disconnected(self, session: Session) -> None:
         self.stats.connections -= 1

@@ -1,13 +1,18 @@
-"""The ``depot-node`` command: serve, keys create, ca init / ca issue, healthcheck."""
+"""The ``depot-node`` command: serve, keys create | list | delete, ca init | server-cert | issue,
+healthcheck."""
 
 from __future__ import annotations
 
 import gc
 import os
 import signal
+import sqlite3
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,7 @@ import anyio
 import click
 
 from node.config import Settings, load_settings, parse_bind
+from storage.audit import CLI_ACTOR
 from storage.errors import ConfigError, NodeError
 from storage.secrets import ROLES, new_api_key
 
@@ -128,22 +134,36 @@ def keys() -> None:
     """Manage API keys."""
 
 
-@keys.command("create")
-@click.option("--role", type=click.Choice(ROLES), required=True, help="What the key may do.")
-@config_option
-@data_dir_option
-def keys_create(role: str, config: Path | None, data_dir: Path | None) -> None:
-    """Create an API key and print it once (the key alone is the last line of stdout)."""
+@contextmanager
+def _database(config: Path | None, data_dir: Path | None) -> Iterator[sqlite3.Connection]:
+    """The node's database as a writer connection (SQLite's locking makes it safe beside a
+    running node; a write waits for the node's current commit)."""
     from node.app import database_path
-    from storage.sqlite import connect, insert_api_key
+    from storage.sqlite import connect
 
     settings = _settings(config, data_dir=data_dir)
-    key_id, key, key_hash = new_api_key()
-    conn = connect(database_path(settings.data_dir), synchronous=settings.sqlite_synchronous)
     try:
-        insert_api_key(conn, key_id, role, key_hash)
+        conn = connect(database_path(settings.data_dir), synchronous=settings.sqlite_synchronous)
+    except (sqlite3.Error, OSError, NodeError) as exc:
+        raise click.ClickException(f"cannot open the database in {settings.data_dir}: {exc}") from exc
+    try:
+        yield conn
     finally:
         conn.close()
+
+
+@keys.command("create")
+@click.option("--role", type=click.Choice(ROLES), required=True, help="What the key may do.")
+@click.option("--name", default=None, help="What the key is for, e.g. grafana (shown in `keys list`).")
+@config_option
+@data_dir_option
+def keys_create(role: str, name: str | None, config: Path | None, data_dir: Path | None) -> None:
+    """Create an API key and print it once (the key alone is the last line of stdout)."""
+    from storage.sqlite import insert_api_key
+
+    key_id, key, key_hash = new_api_key()
+    with _database(config, data_dir) as conn:
+        insert_api_key(conn, key_id, role, key_hash, name=name, by=CLI_ACTOR)
     click.echo(f"Created {role} API key {key_id}. It is shown only now; store it safely:")
     click.echo(key)
 
@@ -219,6 +239,40 @@ def ca_issue(device_id: str, out: Path, config: Path | None, data_dir: Path | No
     except CaError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"Wrote {cert}, {key} (private, mode 0600) and {ca_cert}.")
+
+
+@keys.command("list")
+@config_option
+@data_dir_option
+def keys_list(config: Path | None, data_dir: Path | None) -> None:
+    """List API keys (id, role, name, created, revoked); never the keys themselves."""
+    from storage.credentials import select_api_keys
+
+    with _database(config, data_dir) as conn:
+        rows = select_api_keys(conn, "", 1 << 30)
+    click.echo(f"{'KEY ID':<12}  {'ROLE':<8}  {'CREATED (UTC)':<20}  {'REVOKED (UTC)':<20}  NAME")
+    for row in rows:
+        revoked = _utc(row.revoked_at) if row.revoked_at is not None else "-"
+        click.echo(f"{row.key_id:<12}  {row.role:<8}  {_utc(row.created_at):<20}  {revoked:<20}  {row.name or ''}")
+
+
+@keys.command("delete")
+@click.argument("key_id")
+@config_option
+@data_dir_option
+def keys_delete(key_id: str, config: Path | None, data_dir: Path | None) -> None:
+    """Delete (revoke) the API key KEY_ID: the node refuses it from its next request on."""
+    from storage.credentials import Change, revoke_api_key
+
+    with _database(config, data_dir) as conn:
+        change = revoke_api_key(conn, key_id, CLI_ACTOR)
+    if change is Change.MISSING:
+        raise click.ClickException(f"no API key {key_id!r} (see `depot-node keys list`)")
+    click.echo(f"API key {key_id} {'was deleted already' if change is Change.UNCHANGED else 'deleted'}.")
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @main.command()

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     auth_concurrency: int = Field(default=2, ge=1, le=64)
     #: Close a device's session when it publishes where its ACL forbids.
     disconnect_on_acl_denial: bool = False
+    #: ``/metrics`` answers only with an API key (any role, viewer or higher).
+    metrics_require_key: bool = False
     # Alerts (see actors/alerts.py for each rule's raise and clear):
     #: Run the alert rules at all; off, nothing raises or clears alerts (the API still lists them).
     alerts_enabled: bool = True

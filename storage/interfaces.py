@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from storage.audit import AuditEntry
 from storage.records import AlertRecord, AlertWrite, DeviceBatch, DeviceStateRecord
 
 
@@ -29,4 +30,12 @@ class AlertStore(Protocol):
 
     async def write_alerts(self, writes: Sequence[AlertWrite]) -> None:
         """Apply *writes* in order, in one transaction; raise :class:`storage.errors.StorageError` on failure."""
+        ...
+
+
+class AuditSink(Protocol):
+    async def record_audit(self, entry: AuditEntry) -> None:
+        """Append *entry* to the audit log (e.g. ``command_sent``); raise
+        :class:`storage.errors.StorageError` on failure. :class:`storage.sqlite.SqliteStore`
+        implements it on its writer connection."""
         ...

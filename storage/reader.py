@@ -19,6 +19,8 @@ from typing import Any
 
 import anyio
 
+from storage.audit import AuditRecord, select_audit
+from storage.credentials import ApiKeyRow, select_api_keys
 from storage.errors import StorageError
 from storage.records import AlertRecord, DeviceStateRecord
 from storage.sqlite import SELECT_ALERTS, alert_from_row, load_device_state
@@ -54,12 +56,19 @@ class DeviceRow:
     name: str | None
     created_at: float
     revoked_at: float | None
+    disabled_at: float | None = None
+    secret_rotated_at: float | None = None
+
+
+#: The columns of :class:`DeviceRow`, in its field order.
+_SELECT_DEVICES = "SELECT device_id, type, name, created_at, revoked_at, disabled_at, secret_rotated_at FROM devices"
 
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
     secret_hash: str
     revoked: bool
+    disabled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +140,10 @@ class Reader:
 
     async def credentials(self, device_id: str) -> Credentials | None:
         def q(c: sqlite3.Connection) -> Credentials | None:
-            row = c.execute("SELECT secret_hash, revoked_at FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-            return None if row is None else Credentials(row[0], row[1] is not None)
+            row = c.execute(
+                "SELECT secret_hash, revoked_at, disabled_at FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            return None if row is None else Credentials(row[0], row[1] is not None, row[2] is not None)
 
         return await self._run(q)
 
@@ -149,9 +160,7 @@ class Reader:
 
     async def device(self, device_id: str) -> tuple[DeviceRow, DeviceStateRecord | None] | None:
         def q(c: sqlite3.Connection) -> tuple[DeviceRow, DeviceStateRecord | None] | None:
-            row = c.execute(
-                "SELECT device_id, type, name, created_at, revoked_at FROM devices WHERE device_id = ?", (device_id,)
-            ).fetchone()
+            row = c.execute(_SELECT_DEVICES + " WHERE device_id = ?", (device_id,)).fetchone()
             if row is None:
                 return None
             return DeviceRow(*row), load_device_state(c, device_id)
@@ -163,8 +172,7 @@ class Reader:
 
         def q(c: sqlite3.Connection) -> Page[DeviceRow]:
             rows = c.execute(
-                "SELECT device_id, type, name, created_at, revoked_at FROM devices"
-                " WHERE device_id > ? ORDER BY device_id LIMIT ?",
+                _SELECT_DEVICES + " WHERE device_id > ? ORDER BY device_id LIMIT ?",
                 (after, limit + 1),
             ).fetchall()
             items = [DeviceRow(*r) for r in rows[:limit]]
@@ -261,6 +269,30 @@ class Reader:
         def q(c: sqlite3.Connection) -> AlertRecord | None:
             row = c.execute(SELECT_ALERTS + " WHERE alert_id = ?", (alert_id,)).fetchone()
             return None if row is None else alert_from_row(row)
+
+        return await self._run(q)
+
+    async def api_keys(self, limit: int, cursor: str | None) -> Page[ApiKeyRow]:
+        """API keys ordered by id, revoked ones included; never their hashes."""
+        after = decode_cursor(cursor, str)[0] if cursor else ""
+
+        def q(c: sqlite3.Connection) -> Page[ApiKeyRow]:
+            rows = select_api_keys(c, after, limit + 1)
+            items = rows[:limit]
+            return Page(items, encode_cursor(items[-1].key_id) if len(rows) > limit else None)
+
+        return await self._run(q)
+
+    async def audit(
+        self, action: str | None, target: str | None, since: float | None, limit: int, cursor: str | None
+    ) -> Page[AuditRecord]:
+        """The audit log, newest first, optionally of one action and target, at or after *since*."""
+        before = decode_cursor(cursor, int)[0] if cursor else 2**62
+
+        def q(c: sqlite3.Connection) -> Page[AuditRecord]:
+            rows = select_audit(c, action=action, target=target, since=since, before_id=before, limit=limit + 1)
+            items = rows[:limit]
+            return Page(items, encode_cursor(items[-1].id) if len(rows) > limit else None)
 
         return await self._run(q)
 

@@ -4,20 +4,30 @@
   validation never sees them; :func:`documents_problems` only records their schema per status.
 * quart-schema documents every response as ``application/json``: problems are sent as
   ``application/problem+json`` and a 204 has no body, so :class:`NodeOpenAPIProvider` says so.
+* Every operation that needs an API key carries ``x-required-role``, its least role as declared
+  by :func:`web.auth.requires` (:mod:`web.roles`). A route whose key depends on a setting
+  (``/metrics``) is documented as this node is configured: security and 401/403 only when on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
+from quart import Quart
 from quart_schema import OpenAPIProvider
 from quart_schema.typing import Model
 from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
+from werkzeug.routing import Rule
 
+from web.context import app_services
 from web.errors import PROBLEM_CONTENT_TYPE
 from web.models import NoContent, Problem, ValidationProblem
+from web.roles import SECURITY_SCHEME, is_conditional, required_role
+
+#: The OpenAPI extension naming an operation's least role.
+REQUIRED_ROLE_EXTENSION = "x-required-role"
 
 
 def documents[F: Callable[..., Any]](model: type[Model], *statuses: int) -> Callable[[F], F]:
@@ -51,6 +61,26 @@ def documents_problems[F: Callable[..., Any]](*statuses: int) -> Callable[[F], F
 
 
 class NodeOpenAPIProvider(OpenAPIProvider):
+    def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
+        paths, components = super().build_paths(rule)
+        view = self._app.view_functions[rule.endpoint]
+        role = required_role(view, app_services(cast("Quart", self._app)))  # a weakref proxy of it
+        if role is None:
+            return paths, components
+        for item in paths.values():
+            for operation in item.values():
+                operation[REQUIRED_ROLE_EXTENSION] = role
+                if is_conditional(view):
+                    # Static routes got these from web.auth.requires already.
+                    operation["security"] = [{SECURITY_SCHEME: []}]
+                    responses = dict(operation["responses"])
+                    for status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
+                        response, definitions = self.build_response_object(Problem, None)
+                        responses[int(status)] = response
+                        components.update(definitions)
+                    operation["responses"] = responses
+        return paths, components
+
     def build_response_object(
         self, model: type[Model], headers_model: type[Model] | None
     ) -> tuple[dict[str, Any], dict[str, Any]]:

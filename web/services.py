@@ -1,7 +1,8 @@
 """What the web app needs from the rest of the node, as one object built by ``node.app``.
 
 The web package never reaches into the broker or the actors directly: revoking a device goes
-through :attr:`WebServices.on_revoked`, readiness through :attr:`WebServices.readiness`.
+through :attr:`WebServices.on_revoked` (rotating or disabling one through
+:attr:`WebServices.on_credentials_changed`), readiness through :attr:`WebServices.readiness`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ async def _nothing(device_id: str) -> None:
     return None
 
 
+async def _nothing_for(device_id: str, reason: str) -> None:
+    return None
+
+
 @dataclass(slots=True)
 class WebServices:
     reader: Reader
@@ -29,3 +34,8 @@ class WebServices:
     on_revoked: Callable[[str], Awaitable[None]] = _nothing
     #: Largest ``limit`` a list endpoint accepts.
     max_page: int = 1000
+    #: Called after a device's secret was rotated or the device disabled (with the disconnect
+    #: reason): forgets its cached verification and closes its live MQTT session.
+    on_credentials_changed: Callable[[str, str], Awaitable[None]] = _nothing_for
+    #: ``/metrics`` needs a viewer key (setting ``metrics_require_key``).
+    metrics_require_key: bool = False

@@ -234,6 +234,52 @@ async def test_revoking_closes_a_live_certificate_session(
     await wait_for_event(node, "meter-r", "disconnected", "revoked")
 
 
+async def _cert_session_closed(dev: Device, node: RunningNode, device_id: str, reason: str) -> None:
+    with anyio.fail_after(30):
+        while dev.client.is_connected():
+            await anyio.sleep(0.05)
+    await dev.aclose()  # paho would reconnect in the background
+    await wait_for_event(node, device_id, "disconnected", reason)
+
+
+async def test_disable_and_rotation_close_a_live_certificate_session(
+    mtls_node: RunningNode, devices: list[Device], tmp_path: Path
+) -> None:
+    """The credential lifecycle (creds) covers certificate logins (tls): disabling closes the
+    session and refuses the certificate until enabled; a rotation closes the session, and the
+    certificate, which the rotation does not invalidate, logs in again."""
+    node = mtls_node
+    await node.register("meter-c")
+    crt, key, ca = issue(node.data_dir, "meter-c", tmp_path / "c")
+
+    def connect() -> TlsDevice:
+        dev = TlsDevice(tls_port(node), "meter-c", None, ca, (crt, key))
+        devices.append(dev)
+        return dev
+
+    dev = connect()
+    assert (await dev.aconnect()).value == 0
+    async with node.http() as client:
+        assert (await client.post("/api/v1/devices/meter-c/disable")).json()["disabled"] is True
+    await _cert_session_closed(dev, node, "meter-c", "disabled")
+    refused = connect()
+    assert str(await refused.aconnect()) == "Not authorized"
+    await refused.aclose()
+    assert (await refusals(node)).get("disabled") == 1
+
+    async with node.http() as client:
+        assert (await client.post("/api/v1/devices/meter-c/enable")).json()["disabled"] is False
+    dev = connect()
+    assert (await dev.aconnect()).value == 0
+    async with node.http() as client:
+        assert (await client.post("/api/v1/devices/meter-c/secret")).status_code == 200
+    await _cert_session_closed(dev, node, "meter-c", "secret_rotated")
+    again = connect()
+    assert (await again.aconnect()).value == 0
+    await again.apublish("iot/meter-c/telemetry", telemetry("meter-c", 1, 0))
+    assert [r["seq"] for r in await node.telemetry("meter-c")] == [0]
+
+
 def _handshake(port: int, ca: Path, version: ssl.TLSVersion) -> str:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(ca)

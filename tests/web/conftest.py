@@ -59,12 +59,27 @@ def revoked() -> list[str]:
 
 
 @pytest.fixture
-def services(reader: Reader, store: SqliteStore, revoked: list[str]) -> WebServices:
+def changed() -> list[tuple[str, str]]:
+    """``(device_id, reason)`` passed to ``on_credentials_changed``, in order."""
+    return []
+
+
+@pytest.fixture
+def services(reader: Reader, store: SqliteStore, revoked: list[str], changed: list[tuple[str, str]]) -> WebServices:
     async def on_revoked(device_id: str) -> None:
         revoked.append(device_id)
 
+    async def on_credentials_changed(device_id: str, reason: str) -> None:
+        changed.append((device_id, reason))
+
     return WebServices(
-        reader=reader, store=store, stats=IngestStats(), readiness={}, on_revoked=on_revoked, max_page=MAX_PAGE
+        reader=reader,
+        store=store,
+        stats=IngestStats(),
+        readiness={},
+        on_revoked=on_revoked,
+        on_credentials_changed=on_credentials_changed,
+        max_page=MAX_PAGE,
     )
 
 

@@ -25,11 +25,12 @@ async def test_register_then_show(client: Client, admin: Headers, viewer: Header
     assert response.status_code == 201
     assert response.headers["Location"] == f"{DEVICES}/emu-4021-m1"
     created = await response.get_json()
-    assert set(created) == {"device_id", "type", "name", "created_at", "revoked", "secret"}
+    assert set(created) == {"device_id", "type", "name", "created_at", "revoked", "disabled", "secret"}
     assert created["device_id"] == "emu-4021-m1"
     assert created["type"] == "ac_meter"
     assert created["name"] == "EMU 4021 car 1"
     assert created["revoked"] is False
+    assert created["disabled"] is False
     assert created["created_at"].endswith("Z")
 
     # Only a hash is stored, and it is the hash of the secret that was shown.

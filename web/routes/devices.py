@@ -19,7 +19,7 @@ from storage.errors import DeviceExists
 from storage.reader import DeviceRow
 from storage.records import DeviceStateRecord
 from storage.secrets import hash_device_secret, new_device_secret
-from web.auth import requires
+from web.auth import caller, requires
 from web.context import services
 from web.errors import DEVICE_EXISTS, ApiError
 from web.models import (
@@ -61,13 +61,13 @@ async def create_device(data: DeviceCreate) -> tuple[DeviceCreated, int, dict[st
     """Register a device.
 
     The response holds the device's MQTT password (`secret`); it is shown this once and
-    cannot be recovered, only replaced by revoking the device and registering a new id.
+    cannot be recovered, only replaced (`POST /api/v1/devices/{device_id}/secret`).
     """
     secret = new_device_secret()
     # Argon2 costs ~20 ms of CPU: a worker thread, so the event loop keeps serving meters.
     secret_hash = await anyio.to_thread.run_sync(hash_device_secret, secret)
     try:
-        created = await services().store.insert_device(data.device_id, data.type, data.name, secret_hash)
+        created = await services().store.insert_device(data.device_id, data.type, data.name, secret_hash, by=caller())
     except DeviceExists as exc:
         raise ApiError(HTTPStatus.CONFLICT, f"device {data.device_id!r} already exists", type_=DEVICE_EXISTS) from exc
     body = DeviceCreated(
@@ -114,7 +114,7 @@ async def revoke_device(device_id: str) -> Response:
     The device and its data stay; its id cannot be registered again.
     """
     svc = services()
-    if not await svc.store.revoke_device(device_id):
+    if not await svc.store.revoke_device(device_id, by=caller()):
         await find_device(device_id)  # 404 unless it exists (and so was revoked already)
     # Also on a repeated DELETE: if closing the session failed the first time, a retry does it.
     await svc.on_revoked(device_id)
