@@ -25,6 +25,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from actors.alerts import AlertSink
 from actors.device import DeviceActorConfig
+from actors.limits import DeviceLimiter
 from actors.router import Router, RouterConfig
 from actors.stats import IngestStats
 from actors.supervisor import Restart, RestartPolicy, supervise
@@ -35,6 +36,8 @@ from node.bridge import Bridge
 from node.broker import NodeBroker, broker_config
 from node.config import Settings, parse_bind
 from node.faults import FaultHooks, FaultyStore
+from node.guard import ConnectionGuard
+from node.limits import device_limits, http_rate_limits
 from storage.errors import StartupError
 from storage.interfaces import IngestStore
 from storage.reader import Reader
@@ -105,6 +108,14 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     router = _router(settings, ingest_store, writer, stats, faults, alerts=alert_sink)
     gate = DeviceGate(reader, stats, concurrency=settings.auth_concurrency)
     bridge = Bridge(gate, router, stats, disconnect_on_denial=settings.disconnect_on_acl_denial, alerts=alert_sink)
+    # Limits (ADR 0011): per-device rates in the bridge, connection limits in the broker.
+    bridge.limiter, bridge.limit_action = DeviceLimiter(device_limits(settings)), settings.device_limit_action
+    guard = ConnectionGuard(
+        stats,
+        max_connections=settings.max_connections,
+        max_packet_bytes=settings.max_packet_bytes,
+        packet_timeout=settings.mqtt_packet_timeout_s,
+    )
 
     async def on_revoked(device_id: str) -> None:
         gate.forget(device_id)
@@ -112,6 +123,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
 
     readiness = {"storage": False, "broker": False, "http": False}
     services = WebServices(reader=reader, store=store, stats=stats, readiness=readiness, on_revoked=on_revoked)
+    services.max_devices, services.rate_limits = settings.max_devices, http_rate_limits(settings)
     app = create_app(services)
 
     hc, http_addr = _http_config(settings.http_bind)
@@ -130,7 +142,8 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             stale = await store.mark_all_offline("node_restart")
             if stale:
                 log.info("%d devices were online when the node last stopped; marked offline", stale)
-            broker, mqtt_addr = await _start_broker(settings, bridge)
+            broker, mqtt_addr = await _start_broker(settings, bridge, guard)
+            tg.start_soon(guard.enforce, name="mqtt-guard")
             if settings.device_inactivity_timeout_s > 0:
                 tg.start_soon(broker.enforce_inactivity, settings.device_inactivity_timeout_s, name="inactivity")
             readiness["broker"] = True
@@ -180,9 +193,12 @@ async def _run_writer(writer: StorageWriter, done: anyio.Event) -> None:
         done.set()
 
 
-async def _start_broker(settings: Settings, bridge: Bridge) -> tuple[NodeBroker, tuple[str, int]]:
+async def _start_broker(
+    settings: Settings, bridge: Bridge, guard: ConnectionGuard
+) -> tuple[NodeBroker, tuple[str, int]]:
     host, port = parse_bind(settings.mqtt_bind)
     broker = NodeBroker(broker_config(bridge, host=host, port=port, max_connections=settings.max_connections), bridge)
+    broker.guard = guard  # before the listener accepts anything
     try:
         await broker.start()
     except BrokerError as exc:

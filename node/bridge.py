@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 from actors.alerts import AlertRule, AlertSignal, AlertSink
+from actors.limits import DeviceLimiter, LimitKind
 from actors.messages import Completion, Link, LinkEvent, Outcome, Publish
 from actors.router import Router
 from actors.stats import IngestStats
@@ -34,6 +35,9 @@ DISCONNECT_REASON: Final = "_depot_node_disconnect_reason"
 
 _DEVICE_ACTIONS: Final = frozenset({"publish", "subscribe"})
 
+#: ``device_limit_action``: what happens to a PUBLISH over its device's rate limits.
+LimitAction = Literal["quarantine", "disconnect"]
+
 
 def set_disconnect_reason(session: Session, reason: str, *, overwrite: bool = False) -> None:
     if overwrite or getattr(session, DISCONNECT_REASON, None) is None:
@@ -49,6 +53,8 @@ class Bridge:
         *,
         disconnect_on_denial: bool,
         alerts: AlertSink | None = None,
+        limiter: DeviceLimiter | None = None,
+        limit_action: LimitAction = "quarantine",
     ) -> None:
         self.gate = gate
         self.router = router
@@ -56,12 +62,29 @@ class Bridge:
         self.disconnect_on_denial = disconnect_on_denial
         #: Where ACL denials go as ``acl_denial`` signals (never blocks; see actors.alerts).
         self.alerts = alerts
+        #: Per-device messages/s and bytes/s (actors.limits); None: no limits.
+        self.limiter = limiter
+        self.limit_action: LimitAction = limit_action
         self.broker: NodeBroker | None = None
 
     async def ingest(self, parsed: ParsedTopic, topic: str, payload: bytes, *, wait: bool) -> Outcome:
-        """Deliver one PUBLISH to its device actor; with *wait*, return once it is durable."""
+        """Deliver one PUBLISH to its device actor; with *wait*, return once it is durable.
+
+        A PUBLISH over its device's rate limits is quarantined as ``rate_limited`` (acknowledged:
+        the payload is kept) or, with ``device_limit_action = "disconnect"``, not acknowledged
+        and the device's connection closed (it resends after reconnecting).
+        """
+        over_limit = None
+        if self.limiter is not None:
+            exceeded = self.limiter.admit(parsed.device_id, len(payload), time.monotonic())
+            if exceeded is not None:
+                over_limit = self._over_limit(parsed.device_id, exceeded)
+                if self.limit_action == "disconnect":
+                    await self.disconnect(parsed.device_id, "rate_limited")
+                    return Outcome.FAILED
         if not wait:
-            await self.router.deliver(Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), None))
+            publish = Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), None, over_limit)
+            await self.router.deliver(publish)
             return Outcome.DURABLE
         # A bare asyncio future: the cheapest thing to await once per PUBLISH (an anyio Event
         # costs several times more, measured in bench/ingest.py's profile).
@@ -72,8 +95,24 @@ class Bridge:
                 future.set_result(outcome)
 
         done = Completion(notify)
-        await self.router.deliver(Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), done))
+        await self.router.deliver(Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), done, over_limit))
         return await future
+
+    def _over_limit(self, device_id: str, exceeded: LimitKind) -> str:
+        self.stats.count_limit(exceeded.value)
+        limits = self.limiter.limits if self.limiter is not None else None
+        if exceeded is LimitKind.MESSAGES and limits is not None:
+            detail = f"over the limit of {limits.messages_per_s:g} messages/s (burst {limits.messages_burst})"
+        elif limits is not None:
+            detail = f"over the limit of {limits.bytes_per_s:g} payload bytes/s (burst {limits.bytes_burst})"
+        else:
+            detail = f"over the {exceeded.value} limit"
+        # A line per excess message would let a flooding device flood the log too: log the
+        # 1st, 2nd, 4th, 8th, ... excess of the node (the metric has the exact count).
+        n = self.stats.limit_exceeded[exceeded.value]
+        if n & (n - 1) == 0:
+            log.warning("device %s is %s (%s; %d times so far)", device_id, detail, self.limit_action, n)
+        return detail
 
     async def connected(self, session: Session) -> None:
         self.stats.connections += 1
@@ -85,6 +124,8 @@ class Bridge:
 
     async def disconnected(self, session: Session) -> None:
         self.stats.connections -= 1
+        if session.username and self.limiter is not None:
+            self.limiter.release(session.username, time.monotonic())
         if session.username:
             reason = getattr(session, DISCONNECT_REASON, None) or "connection_lost"
             will = None

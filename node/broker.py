@@ -40,6 +40,7 @@ from amqtt.session import Session
 
 from actors.messages import Outcome
 from node.bridge import Bridge, set_disconnect_reason
+from node.guard import ConnectionGuard, attach_session
 from storage.contract import PUBLISH_KINDS, parse_topic
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,8 @@ class NodeBroker(Broker):
         #: clean session never closes the first (MQTT-3.1.4-2). Revocation, takeover and
         #: "online" use this registry instead.
         self.live: dict[str, list[NodeProtocolHandler]] = {}
+        #: Connection limits before amqtt parses anything (node.guard); set by node.app.
+        self.guard: ConnectionGuard | None = None
 
     async def register_live(self, handler: NodeProtocolHandler) -> None:
         """A session was accepted: take over from any older connection of the same client."""
@@ -240,6 +243,7 @@ class NodeBroker(Broker):
         node_handler = cast("NodeProtocolHandler", handler)
         node_handler.bridge = self.bridge
         node_handler.last_activity = asyncio.get_running_loop().time()
+        attach_session(handler.reader, session)  # node.guard: a close is recorded with its reason
         return handler, session
 
     async def stream_connected(
@@ -250,13 +254,21 @@ class NodeBroker(Broker):
         # transport is never closed: asyncio logs "exception was never retrieved" and, worse,
         # Server.wait_closed() waits for that transport forever at shutdown. Whatever happened,
         # the connection is over when amqtt returns: close the transport (idempotent).
+        # node.guard: refuse past max_connections, and check the framing of what amqtt reads.
+        guard = self.guard
+        if guard is not None and await guard.refuse_if_full(writer):
+            writer.close()
+            return
+        checked = guard.open(reader, writer) if guard is not None else None
         try:
-            await super().stream_connected(reader, writer, listener_name)
+            await super().stream_connected(cast("asyncio.StreamReader", checked or reader), writer, listener_name)
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.debug("MQTT connection ended with a socket error: %r", exc)
         finally:
             writer.close()
             self._restore_session_table()
+            if guard is not None and checked is not None:
+                guard.close(checked)
 
     async def enforce_inactivity(self, silence: float) -> None:
         """Close sessions that sent no PUBLISH or PINGREQ for *silence* seconds, by the node's

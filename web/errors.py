@@ -42,6 +42,8 @@ BAD_CURSOR: Final = _TAG + "bad-cursor"
 DEVICE_EXISTS: Final = _TAG + "device-exists"
 NOT_READY: Final = _TAG + "not-ready"
 ALERT_CLEARED: Final = _TAG + "alert-cleared"
+RATE_LIMITED: Final = _TAG + "rate-limited"
+DEVICE_LIMIT: Final = _TAG + "device-limit"
 
 
 class ApiError(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 from quart_schema import OpenAPIProvider
 from quart_schema.typing import Model
@@ -50,6 +50,9 @@ def documents_problems[F: Callable[..., Any]](*statuses: int) -> Callable[[F], F
     return decorate
 
 
+_RETRY_AFTER: Final = {"description": "seconds to wait before the next request", "schema": {"type": "integer"}}
+
+
 class NodeOpenAPIProvider(OpenAPIProvider):
     def build_response_object(
         self, model: type[Model], headers_model: type[Model] | None
@@ -59,4 +62,6 @@ class NodeOpenAPIProvider(OpenAPIProvider):
             response.pop("content", None)
         elif isinstance(model, type) and issubclass(model, Problem):
             response["content"] = {PROBLEM_CONTENT_TYPE: response["content"].pop("application/json")}
+        if getattr(model, "retry_after", False):  # web.limits.RateLimited
+            response["headers"] = {"Retry-After": _RETRY_AFTER}
         return response, components

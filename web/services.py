@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from actors.stats import IngestStats
 from storage.reader import Reader
 from storage.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from web.limits import HttpRateLimits
 
 
 async def _nothing(device_id: str) -> None:
@@ -29,3 +33,7 @@ class WebServices:
     on_revoked: Callable[[str], Awaitable[None]] = _nothing
     #: Largest ``limit`` a list endpoint accepts.
     max_page: int = 1000
+    #: Most devices registered and not revoked (0: no limit); more is a 409 problem.
+    max_devices: int = 0
+    #: HTTP rate limits per API key and per anonymous address (web.limits); None: none.
+    rate_limits: HttpRateLimits | None = None
