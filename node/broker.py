@@ -65,6 +65,8 @@ class NodeProtocolHandler(BrokerProtocolHandler):
         broker = self.bridge.broker
         if broker is not None:
             await broker.register_live(self)
+        if self.session is not None:
+            attach_session(self.reader, self.session)  # node.guard: a close is recorded with its reason
 
     async def stop(self) -> None:
         broker = self.bridge.broker
@@ -243,7 +245,6 @@ class NodeBroker(Broker):
         node_handler = cast("NodeProtocolHandler", handler)
         node_handler.bridge = self.bridge
         node_handler.last_activity = asyncio.get_running_loop().time()
-        attach_session(handler.reader, session)  # node.guard: a close is recorded with its reason
         return handler, session
 
     async def stream_connected(
