@@ -14,7 +14,8 @@ What this module adds to it:
   (their timestamp is in the past, so they are the same as new) once it holds
   :data:`MAX_CALLERS` of them.
 * **Errors as problems.** Over the limit is a 429 ``application/problem+json`` with
-  ``Retry-After`` (whole seconds), documented on every limited route of the OpenAPI document.
+  ``Retry-After`` (whole seconds), documented on every limited route of the OpenAPI document
+  (``web.openapi``).
 
 ``/healthz`` and ``/readyz`` are never limited: a probe answered 429 would get a healthy node
 restarted by its orchestrator.
@@ -22,11 +23,10 @@ restarted by its orchestrator.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
-from typing import ClassVar, Final
+from typing import Final
 
 from quart import Quart, Response, g, request
 from quart_rate_limiter import RateLimit, RateLimiter, RateLimitExceeded
@@ -34,8 +34,7 @@ from quart_rate_limiter.store import MemoryStore
 
 from web.auth import authenticate
 from web.errors import DEVICE_LIMIT, RATE_LIMITED, ApiError, problem_response
-from web.models import Problem
-from web.openapi import documents
+from web.openapi import RATE_LIMIT_EXEMPT
 
 #: Endpoints no limit applies to (orchestrator probes).
 EXEMPT: Final = frozenset({"operations.healthz", "operations.readyz"})
@@ -54,13 +53,6 @@ class HttpRateLimits:
     per_key_burst: int = 1000
     anonymous_per_s: float = 10.0
     anonymous_burst: int = 100
-
-
-class RateLimited(Problem):
-    """Too many requests: wait the number of seconds in `Retry-After`, then try again."""
-
-    #: Read by web.openapi.NodeOpenAPIProvider: document the Retry-After header.
-    retry_after: ClassVar[bool] = True
 
 
 def device_limit_problem(limit: int) -> ApiError:
@@ -150,7 +142,6 @@ def install_rate_limits(app: Quart, limits: HttpRateLimits) -> None:
         return
     NodeRateLimiter(app, key_function=caller, store=BoundedMemoryStore(), default_limits=rate_limits)
     app.register_error_handler(RateLimitExceeded, _on_rate_limited)
-    for endpoint, view in app.view_functions.items():
-        # quart-schema's own routes (bound methods) are limited too, but not in the document.
-        if endpoint not in EXEMPT and inspect.isfunction(view):
-            documents(RateLimited, HTTPStatus.TOO_MANY_REQUESTS)(view)
+    # web.openapi documents the 429 on every route but these (per app: the view functions are
+    # shared by every app in the process, so they are not marked themselves).
+    app.config[RATE_LIMIT_EXEMPT] = EXEMPT

@@ -3,7 +3,9 @@
 * Problems are raised as exceptions and answered by ``web.errors``, so quart-schema's response
   validation never sees them; :func:`documents_problems` only records their schema per status.
 * quart-schema documents every response as ``application/json``: problems are sent as
-  ``application/problem+json`` and a 204 has no body, so :class:`NodeOpenAPIProvider` says so.
+  ``application/problem+json``, a 204 has no body and ``/metrics`` is text, so
+  :class:`NodeOpenAPIProvider` says so. It also marks request bodies required and documents
+  the 400 (not JSON, not UTF-8) and 413 (too large) that every body can get.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any, Final
 from quart_schema import OpenAPIProvider
 from quart_schema.typing import Model
 from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
+from werkzeug.routing import Rule
 
 from web.errors import PROBLEM_CONTENT_TYPE
-from web.models import NoContent, Problem, ValidationProblem
+from web.models import MetricsText, NoContent, Problem, RateLimited, ValidationProblem
 
 
 def documents[F: Callable[..., Any]](model: type[Model], *statuses: int) -> Callable[[F], F]:
@@ -50,18 +53,44 @@ def documents_problems[F: Callable[..., Any]](*statuses: int) -> Callable[[F], F
     return decorate
 
 
+#: ``app.config`` key set by web.limits when HTTP rate limits are on: the endpoints without them.
+RATE_LIMIT_EXEMPT: Final = "DEPOT_NODE_RATE_LIMIT_EXEMPT"
 _RETRY_AFTER: Final = {"description": "seconds to wait before the next request", "schema": {"type": "integer"}}
 
 
 class NodeOpenAPIProvider(OpenAPIProvider):
+    def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
+        paths, components = super().build_paths(rule)
+        exempt = self._app.config.get(RATE_LIMIT_EXEMPT)
+        for operations in paths.values():
+            for operation in operations.values():
+                if exempt is not None and rule.endpoint not in exempt:
+                    response, extra = self.build_response_object(RateLimited, None)
+                    operation["responses"][int(HTTPStatus.TOO_MANY_REQUESTS)] = response
+                    components.update(extra)
+                if "requestBody" not in operation:
+                    continue
+                # Every body of this API is required, and before it is validated (422) it must
+                # be JSON (400 from web.errors) no larger than web.app.MAX_BODY_BYTES (413).
+                operation["requestBody"]["required"] = True
+                for status in (HTTPStatus.BAD_REQUEST, HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
+                    if str(int(status)) not in operation["responses"] and int(status) not in operation["responses"]:
+                        response, extra = self.build_response_object(Problem, None)
+                        operation["responses"][int(status)] = response
+                        components.update(extra)
+        return paths, components
+
     def build_response_object(
         self, model: type[Model], headers_model: type[Model] | None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         response, components = super().build_response_object(model, headers_model)
         if isinstance(model, type) and issubclass(model, NoContent):
             response.pop("content", None)
+        elif isinstance(model, type) and issubclass(model, MetricsText):
+            text = {"schema": {"type": "string"}}
+            response["content"] = {"text/plain": text, "application/openmetrics-text": text}
         elif isinstance(model, type) and issubclass(model, Problem):
             response["content"] = {PROBLEM_CONTENT_TYPE: response["content"].pop("application/json")}
-        if getattr(model, "retry_after", False):  # web.limits.RateLimited
+        if isinstance(model, type) and issubclass(model, RateLimited):
             response["headers"] = {"Retry-After": _RETRY_AFTER}
         return response, components

@@ -17,7 +17,7 @@ from quart_schema import tag_blueprint, validate_response
 
 from web.context import metrics_registry, services
 from web.errors import NOT_READY, ApiError
-from web.models import Health, NotReady, Readiness
+from web.models import Health, MetricsText, NotReady, Readiness
 from web.openapi import documents
 
 bp = Blueprint("operations", __name__)
@@ -45,6 +45,7 @@ async def readyz() -> Readiness:
 
 
 @bp.get("/metrics")
+@documents(MetricsText, HTTPStatus.OK)
 async def metrics() -> Response:
     """Prometheus metrics (text exposition format; OpenMetrics when asked for)."""
     # Synchronous on purpose: the collector reads counters that the actors bump on this
