@@ -67,3 +67,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("connection closed")
         buf += chunk
     return buf
+
+
+def subscribe(filters: list[tuple[str | bytes, int]], *, packet_id: int = 1) -> bytes:
+    """SUBSCRIBE to (filter, QoS) pairs."""
+    body = struct.pack("!H", packet_id) + b"".join(_str(f) + bytes([qos]) for f, qos in filters)
+    return bytes([0x82]) + _varlen(len(body)) + body
+
+
+PINGREQ = b"\xc0\x00"
