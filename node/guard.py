@@ -76,7 +76,13 @@ class PacketGuard:
             self.trip(GuardClose.PACKET_TOO_LARGE)
         if self.tripped is not None:
             raise asyncio.IncompleteReadError(b"", n)
-        data = await self._reader.readexactly(n)
+        try:
+            data = await self._reader.readexactly(n)
+        except asyncio.IncompleteReadError as exc:
+            self._consume(exc.partial)  # the end of the stream: what came still counts
+            if self.tripped is not None:
+                raise asyncio.IncompleteReadError(b"", n) from None
+            raise
         self._consume(data)
         if self.tripped is not None:
             raise asyncio.IncompleteReadError(b"", n)
