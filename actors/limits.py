@@ -52,8 +52,11 @@ class TokenBucket:
             self._last = now
 
     def can_take(self, cost: float, now: float) -> bool:
-        self.refill(now)
-        return self.tokens >= min(cost, self.capacity)
+        # refill(), inlined: this runs for every PUBLISH.
+        if now > self._last:
+            self.tokens = min(self.capacity, self.tokens + (now - self._last) * self.rate)
+            self._last = now
+        return self.tokens >= cost or self.tokens >= self.capacity
 
     def take(self, cost: float, now: float) -> bool:
         """Spend *cost* tokens if the bucket allows it; False (and nothing spent) if not."""
@@ -98,14 +101,15 @@ class DeviceBuckets:
         A refused message spends nothing, so a device that slows down to the configured rate
         gets through again at once.
         """
-        if self.messages is not None and not self.messages.can_take(1, now):
+        messages, bytes_ = self.messages, self.bytes
+        if messages is not None and not messages.can_take(1, now):
             return LimitKind.MESSAGES
-        if self.bytes is not None and not self.bytes.can_take(size, now):
+        if bytes_ is not None and not bytes_.can_take(size, now):
             return LimitKind.BYTES
-        if self.messages is not None:
-            self.messages.tokens -= 1
-        if self.bytes is not None:
-            self.bytes.tokens -= size
+        if messages is not None:
+            messages.tokens -= 1
+        if bytes_ is not None:
+            bytes_.tokens -= size
         return None
 
     def is_full(self, now: float) -> bool:

@@ -255,14 +255,14 @@ class NodeBroker(Broker):
         # transport is never closed: asyncio logs "exception was never retrieved" and, worse,
         # Server.wait_closed() waits for that transport forever at shutdown. Whatever happened,
         # the connection is over when amqtt returns: close the transport (idempotent).
-        # node.guard: refuse past max_connections, and check the framing of what amqtt reads.
+        # node.guard: refuse past max_connections, and check the framing of what arrives.
         guard = self.guard
         if guard is not None and await guard.refuse_if_full(writer):
             writer.close()
             return
         checked = guard.open(reader, writer) if guard is not None else None
         try:
-            await super().stream_connected(cast("asyncio.StreamReader", checked or reader), writer, listener_name)
+            await super().stream_connected(reader, writer, listener_name)
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.debug("MQTT connection ended with a socket error: %r", exc)
         finally:

@@ -7,11 +7,11 @@ client *wait* for a slot instead of refusing it. :class:`ConnectionGuard` closes
 
 * **Capacity.** Past ``max_connections`` open sockets (authenticated or not), a new
   connection gets CONNACK return code 3 (server unavailable) and is closed at once.
-* **Packet size.** :class:`PacketGuard` sits between the socket's ``StreamReader`` and amqtt
-  and follows the MQTT framing of the bytes amqtt reads. A packet whose remaining length is
-  over ``max_packet_bytes`` (over :data:`CONNECT_MAX_BYTES` for the first packet, the
-  unauthenticated CONNECT), a malformed remaining length, a reserved packet type, or a
-  single read larger than the limit closes the connection before the body is read.
+* **Packet size.** :class:`PacketGuard` follows the MQTT framing of the bytes as they arrive
+  from the socket (:class:`GuardedStreamReader`). A packet whose remaining length is over
+  ``max_packet_bytes`` (over :data:`CONNECT_MAX_BYTES` for the first packet, the
+  unauthenticated CONNECT), a malformed remaining length or a reserved packet type closes
+  the connection as soon as its header has arrived, before amqtt reads the body.
 * **Stalls.** A connection must send its whole CONNECT within ``packet_timeout`` of
   accepting it, and any packet once begun must arrive whole within ``packet_timeout``;
   :meth:`ConnectionGuard.sweep` closes those that do not. Waiting *between* packets is
@@ -19,7 +19,7 @@ client *wait* for a slot instead of refusing it. :class:`ConnectionGuard` closes
 
 Every close is counted by reason (``depot_node_mqtt_connections_closed_total{reason}``) and,
 for an authenticated session, recorded as its disconnect reason. The guard never raises into
-amqtt: a tripped reader reports end of stream, which amqtt handles as a lost connection.
+amqtt: a tripped connection's stream ends (EOF), which amqtt handles as a lost connection.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final, SupportsIndex, cast
 
 from actors.stats import GuardClose, IngestStats
 from node.bridge import set_disconnect_reason
@@ -49,8 +50,27 @@ _HEADER, _LENGTH, _BODY = 0, 1, 2
 _RESERVED_TYPES: Final = frozenset({0, 15})
 
 
+class GuardedStreamReader(asyncio.StreamReader):
+    """The socket's own ``StreamReader``, re-classed by :meth:`ConnectionGuard.open`.
+
+    Checked where bytes arrive (``feed_data``, called by asyncio's protocol once per chunk
+    from the socket), not where amqtt reads them: amqtt's reads stay the library's own, with
+    no extra coroutine per read, and a packet is judged by its header before amqtt has asked
+    for its body.
+    """
+
+    guard: PacketGuard
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        guard = self.guard
+        if guard.tripped is None:
+            guard.consume(data if isinstance(data, bytes | bytearray) else bytes(data))
+        if guard.tripped is None:
+            super().feed_data(data)
+
+
 class PacketGuard:
-    """A ``StreamReader`` stand-in that checks MQTT framing as amqtt reads through it."""
+    """The MQTT framing of one connection's incoming bytes, and its limits."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, owner: ConnectionGuard) -> None:
         self._reader = reader
@@ -61,49 +81,19 @@ class PacketGuard:
         self._multiplier = 1
         self._length_bytes = 0
         self._remaining = 0
-        self._limit = min(CONNECT_MAX_BYTES, owner.max_packet_bytes)
-        #: Monotonic time the current packet (or, before the CONNECT, the connection) began;
-        #: None while waiting between packets.
+        self._max_packet = owner.max_packet_bytes
+        self._limit = min(CONNECT_MAX_BYTES, self._max_packet)
+        #: Monotonic time the current packet (or, before the CONNECT, the connection) began
+        #: to arrive; None while waiting between packets.
         self.started: float | None = time.monotonic()
         self.tripped: GuardClose | None = None
         #: Set once amqtt built the session, so a close can be recorded as its disconnect reason.
         self.session: Session | None = None
 
-    # -- what amqtt's StreamReaderAdapter calls ---------------------------------------------
-
-    async def readexactly(self, n: int) -> bytes:
-        if self.tripped is None and n > self._owner.max_packet_bytes:
-            self.trip(GuardClose.PACKET_TOO_LARGE)
-        if self.tripped is not None:
-            raise asyncio.IncompleteReadError(b"", n)
-        try:
-            data = await self._reader.readexactly(n)
-        except asyncio.IncompleteReadError as exc:
-            self._consume(exc.partial)  # the end of the stream: what came still counts
-            if self.tripped is not None:
-                raise asyncio.IncompleteReadError(b"", n) from None
-            raise
-        self._consume(data)
-        if self.tripped is not None:
-            raise asyncio.IncompleteReadError(b"", n)
-        return data
-
-    async def read(self, n: int = -1) -> bytes:
-        if self.tripped is not None:
-            return b""
-        data = await self._reader.read(self._owner.max_packet_bytes if n < 0 else min(n, self._owner.max_packet_bytes))
-        self._consume(data)
-        return b"" if self.tripped is not None else data
-
-    def feed_eof(self) -> None:
-        self._reader.feed_eof()
-
-    def at_eof(self) -> bool:
-        return self.tripped is not None or self._reader.at_eof()
-
     # -- framing -----------------------------------------------------------------------------
 
-    def _consume(self, data: bytes) -> None:
+    def consume(self, data: bytes | bytearray) -> None:
+        """Follow the framing through *data*, the next bytes from the socket."""
         i, end = 0, len(data)
         while i < end and self.tripped is None:
             if self._state == _BODY:
@@ -143,9 +133,10 @@ class PacketGuard:
     def _packet_done(self) -> None:
         self._state = _HEADER
         self.started = None
-        self._limit = self._owner.max_packet_bytes
+        self._limit = self._max_packet
 
     def stalled(self, now: float) -> bool:
+        """A CONNECT, or a begun packet, that has not arrived whole within the timeout."""
         return self.tripped is None and self.started is not None and now - self.started > self._owner.packet_timeout
 
     def trip(self, reason: GuardClose) -> None:
@@ -153,6 +144,9 @@ class PacketGuard:
         if self.tripped is not None:
             return
         self.tripped = reason
+        # End the stream for amqtt: what arrived before stays readable, a read that waits
+        # for more ends (amqtt treats that as a lost connection).
+        self._reader.feed_eof()
         self._owner.count(reason)
         if self.session is not None:
             set_disconnect_reason(self.session, reason, overwrite=True)
@@ -197,7 +191,13 @@ class ConnectionGuard:
         return True
 
     def open(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> PacketGuard:
+        """Guard the connection of *reader*: from now on its bytes are checked as they arrive."""
         guard = PacketGuard(reader, writer, self)
+        # StreamReader has no __slots__ and GuardedStreamReader adds only a method and an
+        # attribute, so re-classing the live reader is safe; data already buffered was not
+        # checked, so this must happen before anything is read (at accept).
+        reader.__class__ = GuardedStreamReader
+        cast("GuardedStreamReader", reader).guard = guard
         self._open.add(guard)
         return guard
 
@@ -221,7 +221,11 @@ class ConnectionGuard:
 
 
 def attach_session(reader: object, session: Session) -> None:
-    """Tell the :class:`PacketGuard` under amqtt's reader adapter which session it serves."""
-    guard = getattr(reader, "_reader", None)  # amqtt's StreamReaderAdapter keeps it there
-    if isinstance(guard, PacketGuard):
-        guard.session = session
+    """Tell the :class:`PacketGuard` of amqtt's reader adapter which session it serves."""
+    stream = getattr(reader, "_reader", None)  # amqtt's StreamReaderAdapter keeps it there
+    if isinstance(stream, GuardedStreamReader):
+        stream.guard.session = session
+        # The client may have broken a limit between its CONNACK and this (amqtt sends the
+        # CONNACK before it starts the session's handler).
+        if stream.guard.tripped is not None:
+            set_disconnect_reason(session, stream.guard.tripped, overwrite=True)

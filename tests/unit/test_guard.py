@@ -1,5 +1,9 @@
-"""The MQTT framing guard (node/guard.py) on a real socket pair: valid streams pass whole
-however they are read, and a packet that breaks a limit stops the stream before its body."""
+"""The MQTT framing guard (node/guard.py) on the server side of a real socket pair: valid
+streams pass whole however they arrive, and a packet that breaks a limit ends the stream
+before its body.
+
+Bytes are handed to the reader with ``feed_data``, the method asyncio's protocol calls for
+every chunk from the socket, so a test decides exactly how a stream is cut into chunks."""
 
 from __future__ import annotations
 
@@ -30,13 +34,11 @@ def packet(kind: int, body: bytes) -> bytes:
 
 @asynccontextmanager
 async def guarded(
-    data: bytes, stats: IngestStats, **limits: float
-) -> AsyncIterator[tuple[PacketGuard, ConnectionGuard]]:
-    """A guard over the server side of a real socket pair whose client side sent *data*."""
+    stats: IngestStats, **limits: float
+) -> AsyncIterator[tuple[asyncio.StreamReader, PacketGuard, ConnectionGuard]]:
+    """A guarded reader of the server side of a real socket pair."""
     server_sock, client_sock = socket.socketpair()
     reader, writer = await asyncio.open_connection(sock=server_sock)
-    client_sock.sendall(data)
-    client_sock.shutdown(socket.SHUT_WR)
     owner = ConnectionGuard(
         stats,
         max_connections=int(limits.get("max_connections", 0)),
@@ -45,24 +47,22 @@ async def guarded(
     )
     guard = owner.open(reader, writer)
     try:
-        yield guard, owner
+        yield reader, guard, owner
     finally:
         owner.close(guard)
         writer.close()
         client_sock.close()
 
 
-async def read_all(guard: PacketGuard, sizes: list[int]) -> bytes:
-    """Read the stream in reads of the given sizes (cycled), as amqtt does, up to its end."""
-    out = b""
+def arrive(reader: asyncio.StreamReader, data: bytes, cuts: list[int]) -> None:
+    """Hand *data* to the reader in chunks of the given sizes (cycled), then end the stream."""
     i = 0
-    while True:
-        n = sizes[i % len(sizes)]
+    while data:
+        n = cuts[i % len(cuts)]
         i += 1
-        try:
-            out += await guard.readexactly(n)
-        except asyncio.IncompleteReadError as exc:
-            return out + exc.partial
+        reader.feed_data(data[:n])
+        data = data[n:]
+    reader.feed_eof()
 
 
 # Packet types 1 to 14 with bodies up to the limit; the first is the CONNECT (at most 8 KiB).
@@ -71,17 +71,18 @@ streams = st.tuples(
     st.binary(max_size=200).map(lambda b: packet(1, b)),
     st.lists(st.tuples(st.integers(min_value=1, max_value=14), bodies).map(lambda t: packet(*t)), max_size=8),
 ).map(lambda t: t[0] + b"".join(t[1]))
-# amqtt reads 1 byte at a time for the fixed header, then fields and bodies in one go.
-read_sizes = st.lists(st.integers(min_value=1, max_value=600), min_size=1, max_size=10)
+# How the socket cuts the stream: single bytes up to chunks that span several packets.
+chunk_sizes = st.lists(st.integers(min_value=1, max_value=600), min_size=1, max_size=10)
 
 
 @pytest.mark.anyio
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=streams, sizes=read_sizes)
-async def test_valid_streams_pass_whole_however_they_are_read(data: bytes, sizes: list[int]) -> None:
+@given(data=streams, cuts=chunk_sizes)
+async def test_valid_streams_pass_whole_however_they_arrive(data: bytes, cuts: list[int]) -> None:
     stats = IngestStats()
-    async with guarded(data, stats) as (guard, _):
-        assert await read_all(guard, sizes) == data
+    async with guarded(stats) as (reader, guard, _):
+        arrive(reader, data, cuts)
+        assert await reader.read() == data
         assert guard.tripped is None
         assert guard.started is None  # between packets: no deadline
     assert stats.guard_closed == {}
@@ -92,19 +93,20 @@ async def test_valid_streams_pass_whole_however_they_are_read(data: bytes, sizes
 @given(
     before=st.lists(st.binary(max_size=100).map(lambda b: packet(3, b)), max_size=3),
     size=st.integers(min_value=MAX_PACKET + 1, max_value=128**4 - 1),  # the largest 4-byte length
-    sizes=read_sizes,
+    cuts=chunk_sizes,
 )
-async def test_a_packet_over_the_limit_stops_the_stream_before_its_body(
-    before: list[bytes], size: int, sizes: list[int]
+async def test_a_packet_over_the_limit_ends_the_stream_before_its_body(
+    before: list[bytes], size: int, cuts: list[int]
 ) -> None:
     head = packet(1, b"connect") + b"".join(before)
-    announce = b"\x30" + mqtt_raw._varlen(size)
     stats = IngestStats()
-    async with guarded(head + announce + b"body" * 10, stats) as (guard, _):
-        got = await read_all(guard, sizes)
+    async with guarded(stats) as (reader, guard, _):
+        announce = b"\x30" + mqtt_raw._varlen(size)
+        arrive(reader, head + announce + b"body" * 10, cuts)
+        got = await reader.read()
         assert guard.tripped is GuardClose.PACKET_TOO_LARGE
-        assert b"body" not in got
-        assert len(got) <= len(head) + len(announce)
+        # At most what came before it and part of its header, never a byte of its body.
+        assert (head + announce).startswith(got)
     assert stats.guard_closed == {"packet_too_large": 1}
 
 
@@ -119,33 +121,44 @@ async def test_a_packet_over_the_limit_stops_the_stream_before_its_body(
     ],
 )
 async def test_malformed_and_oversized_framing_is_refused(data: bytes, reason: GuardClose) -> None:
-    async with guarded(data, IngestStats()) as (guard, _):
-        await read_all(guard, [1])
+    async with guarded(IngestStats()) as (reader, guard, _):
+        arrive(reader, data, [1])
+        await reader.read()
         assert guard.tripped is reason
-        assert guard.at_eof()
-        assert await guard.read(10) == b""
+        assert reader.at_eof()
 
 
 @pytest.mark.anyio
 async def test_a_stalled_packet_is_swept_and_a_waiting_read_ends() -> None:
     stats = IngestStats()
-    async with guarded(packet(1, b"c") + b"\x30\x10abc", stats, packet_timeout=0.2) as (guard, owner):
-        assert await guard.readexactly(3) == packet(1, b"c")
-        assert owner.sweep() == 0  # between packets
-        assert await guard.readexactly(2) == b"\x30\x10"
+    async with guarded(stats, packet_timeout=0.2) as (reader, guard, owner):
+        reader.feed_data(packet(1, b"c"))
+        assert owner.sweep() == 0  # the CONNECT arrived whole: between packets
+        reader.feed_data(b"\x30\x10abc")
         assert owner.sweep() == 0  # begun, but not late yet
         await asyncio.sleep(0.3)
         assert owner.sweep() == 1
         assert guard.tripped is GuardClose.PACKET_TIMEOUT
+        assert await reader.readexactly(3) == packet(1, b"c")
         with pytest.raises(asyncio.IncompleteReadError):
-            await guard.readexactly(16)
+            await reader.readexactly(16)
     assert stats.guard_closed == {"packet_timeout": 1}
+
+
+@pytest.mark.anyio
+async def test_a_connection_that_never_sends_its_connect_is_swept() -> None:
+    async with guarded(IngestStats(), packet_timeout=0.2) as (reader, guard, owner):
+        waiting = asyncio.ensure_future(reader.read(1))
+        await asyncio.sleep(0.3)
+        assert owner.sweep() == 1
+        assert await asyncio.wait_for(waiting, 5) == b""
+        assert guard.tripped is GuardClose.PACKET_TIMEOUT
 
 
 @pytest.mark.anyio
 async def test_a_full_listener_answers_connack_3() -> None:
     stats = IngestStats()
-    async with guarded(b"", stats, max_connections=1) as (_, owner):
+    async with guarded(stats, max_connections=1) as (_, _guard, owner):
         server_sock, client_sock = socket.socketpair()
         _, writer = await asyncio.open_connection(sock=server_sock)
         try:
