@@ -60,13 +60,13 @@ class NodeProtocolHandler(BrokerProtocolHandler):
     last_activity: float = 0.0
 
     async def start(self) -> None:
+        if self.session is not None:
+            attach_session(self.reader, self.session)  # node.guard: before amqtt reads past the CONNECT
         await super().start()
         # Only an authenticated session gets here (amqtt starts the handler after CONNACK 0).
         broker = self.bridge.broker
         if broker is not None:
             await broker.register_live(self)
-        if self.session is not None:
-            attach_session(self.reader, self.session)  # node.guard: a close is recorded with its reason
 
     async def stop(self) -> None:
         broker = self.bridge.broker

@@ -89,19 +89,24 @@ class PacketGuard:
         self.tripped: GuardClose | None = None
         #: Set once amqtt built the session, so a close can be recorded as its disconnect reason.
         self.session: Session | None = None
+        #: Bytes arrived so far, and where the first packet (the CONNECT) ended among them.
+        self.arrived = 0
+        self.connect_end: int | None = None
 
     # -- framing -----------------------------------------------------------------------------
 
     def consume(self, data: bytes | bytearray) -> None:
         """Follow the framing through *data*, the next bytes from the socket."""
         i, end = 0, len(data)
+        base = self.arrived
+        self.arrived += end
         while i < end and self.tripped is None:
             if self._state == _BODY:
                 step = min(self._remaining, end - i)
                 self._remaining -= step
                 i += step
                 if not self._remaining:
-                    self._packet_done()
+                    self._packet_done(base + i)
                 continue
             byte = data[i]
             i += 1
@@ -126,14 +131,16 @@ class PacketGuard:
                 self.trip(GuardClose.PACKET_TOO_LARGE)
                 return
             if self._length == 0:
-                self._packet_done()
+                self._packet_done(base + i)
             else:
                 self._state, self._remaining = _BODY, self._length
 
-    def _packet_done(self) -> None:
+    def _packet_done(self, position: int) -> None:
         self._state = _HEADER
         self.started = None
         self._limit = self._max_packet
+        if self.connect_end is None:
+            self.connect_end = position
 
     def stalled(self, now: float) -> bool:
         """A CONNECT, or a begun packet, that has not arrived whole within the timeout."""
@@ -221,11 +228,24 @@ class ConnectionGuard:
 
 
 def attach_session(reader: object, session: Session) -> None:
-    """Tell the :class:`PacketGuard` of amqtt's reader adapter which session it serves."""
+    """Tell the :class:`PacketGuard` of amqtt's reader adapter which session it serves.
+
+    Called when an accepted session starts, before amqtt reads past its CONNECT. amqtt parses
+    a CONNECT's fields by their flags, not by its remaining length, so a CONNECT whose length
+    disagrees with its fields would leave amqtt and the guard reading different packet
+    boundaries from then on (amqtt could then wait for a body the guard never saw announced).
+    Here both must have stopped at the same byte; otherwise the connection is closed.
+    """
     stream = getattr(reader, "_reader", None)  # amqtt's StreamReaderAdapter keeps it there
-    if isinstance(stream, GuardedStreamReader):
-        stream.guard.session = session
-        # The client may have broken a limit between its CONNACK and this (amqtt sends the
-        # CONNACK before it starts the session's handler).
-        if stream.guard.tripped is not None:
-            set_disconnect_reason(session, stream.guard.tripped, overwrite=True)
+    if not isinstance(stream, GuardedStreamReader):
+        return
+    guard = stream.guard
+    guard.session = session
+    if guard.tripped is not None:
+        # The client broke a limit between its CONNACK and this (amqtt sends the CONNACK
+        # before it starts the session's handler).
+        set_disconnect_reason(session, guard.tripped, overwrite=True)
+        return
+    buffered = getattr(stream, "_buffer", None)  # asyncio keeps no public count of what was read
+    if buffered is not None and guard.arrived - len(buffered) != guard.connect_end:
+        guard.trip(GuardClose.MALFORMED)

@@ -162,6 +162,24 @@ async def test_a_packet_over_the_size_limit_closes_the_connection_before_its_bod
         assert [q["reason"] for q in quarantined] == ["payload_too_large"]
 
 
+async def test_a_connect_whose_length_disagrees_with_its_fields_is_closed(node: RunningNode) -> None:
+    secret = await node.register("odd-1")
+    connect = mqtt_raw.connect("odd-1", "odd-1", secret)
+    # The same CONNECT, its remaining length 2 bytes longer: the PINGREQ that follows is
+    # inside the CONNECT by its length, and a packet of its own by amqtt's field parser.
+    body = connect[2:]  # a short CONNECT: one length byte
+    padded = b"\x10" + mqtt_raw._varlen(len(body) + 2) + body + mqtt_raw.PINGREQ
+
+    def exchange() -> bytes:
+        with socket.create_connection(("127.0.0.1", node.mqtt_port), timeout=10) as sock:
+            sock.sendall(padded)
+            assert mqtt_raw.read_packet(sock) == (CONNACK, b"\x00\x00")
+            return sock.recv(16)  # no PINGRESP: closed
+
+    assert await anyio.to_thread.run_sync(exchange) == b""
+    assert await metric(node, "depot_node_mqtt_connections_closed_total", 'reason="malformed"') == 1
+
+
 async def test_stalled_connects_and_packets_are_closed(tmp_path: Path) -> None:
     async with running(tmp_path, mqtt_packet_timeout_s=0.5) as node:
         secret = await node.register("slow-1")
