@@ -22,7 +22,12 @@ def _str(s: str | bytes) -> bytes:
 
 
 def connect(
-    client_id: str, username: str | None = None, password: str | None = None, *, keepalive: int = 60, clean: bool = True
+    client_id: str | bytes,
+    username: str | bytes | None = None,
+    password: str | bytes | None = None,
+    *,
+    keepalive: int = 60,
+    clean: bool = True,
 ) -> bytes:
     flags = 0x02 if clean else 0
     payload = _str(client_id)

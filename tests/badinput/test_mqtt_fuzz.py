@@ -14,8 +14,9 @@ fresh socket and sends one generated attempt. After it:
   reading can be read back over HTTP.
 
 Strategies, and why their bounds: identities mix the real ids with text that has every kind
-of trouble in it (MQTT wildcards, ``/``, NUL, non-ASCII, and strings up to the 65,535 bytes
-an MQTT string can hold, well past the node's 8 KiB CONNECT limit); topics mix the victim's
+of trouble in it (MQTT wildcards, ``/``, NUL, non-ASCII, bytes that are not UTF-8, and
+strings up to the 65,535 bytes an MQTT string can hold, well past the node's 8 KiB CONNECT
+limit); topics mix the victim's
 and the node's own topics with wildcards and generated text; raw attacks are truncations of
 valid packets, remaining lengths that are malformed or announce far more than the limit,
 reserved packet types and plain random bytes.
@@ -150,12 +151,16 @@ trouble_text = st.one_of(
     # Up to an MQTT string's 65,535 bytes: over the node's 8 KiB CONNECT limit.
     st.integers(min_value=100, max_value=65_535 // 4).map(lambda n: "🚆" * n),
 )
+#: MQTT strings must be UTF-8 without NUL (§1.5.3); these are not.
+not_utf8 = st.sampled_from([b"\xff\xfe", b"victim\xc0", b"\xed\xa0\x80", b"attacker\x00"]) | st.binary(max_size=40)
 
 
-def identities(fleet_secrets: dict[str, str]) -> st.SearchStrategy[tuple[str, str | None, str | None]]:
+def identities(
+    fleet_secrets: dict[str, str],
+) -> st.SearchStrategy[tuple[str | bytes, str | bytes | None, str | bytes | None]]:
     near_misses = [VICTIM, ATTACKER, CANARY, VICTIM.upper(), f"{VICTIM}/x", f"{VICTIM}\x00", f" {ATTACKER}"]
-    ids = st.one_of(st.sampled_from(near_misses), trouble_text)
-    passwords = st.one_of(st.none(), st.sampled_from([fleet_secrets[ATTACKER], "wrong"]), trouble_text)
+    ids = st.one_of(st.sampled_from(near_misses), trouble_text, not_utf8)
+    passwords = st.one_of(st.none(), st.sampled_from([fleet_secrets[ATTACKER], "wrong"]), trouble_text, not_utf8)
     return st.tuples(ids, st.one_of(st.none(), ids), passwords)
 
 
@@ -236,7 +241,7 @@ def test_connect_attempts_get_no_one_elses_session(fleet: Fleet, data: st.DataOb
     legit = client_id == username == ATTACKER and password == fleet.secrets[ATTACKER]
     for kind, body in answers:
         if kind == CONNACK and body[1:] == b"\x00":
-            assert legit, f"CONNECT accepted for client id {client_id[:80]!r}, username {str(username)[:80]!r}"
+            assert legit, f"CONNECT accepted for client id {client_id[:80]!r}, username {username!r:.80}"
     after_attempt(fleet)
 
 
