@@ -250,17 +250,17 @@ class NodeBroker(Broker):
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        # amqtt lets socket errors of one connection escape its connection task (e.g. a client
-        # that hangs up right after a refused CONNACK makes write_eof() raise), and then the
-        # transport is never closed: asyncio logs "exception was never retrieved" and, worse,
-        # Server.wait_closed() waits for that transport forever at shutdown. Whatever happened,
-        # the connection is over when amqtt returns: close the transport (idempotent).
         # node.guard: refuse past max_connections, and check the framing of what arrives.
         guard = self.guard
         if guard is not None and await guard.refuse_if_full(writer):
             writer.close()
             return
         checked = guard.open(reader, writer) if guard is not None else None
+        # amqtt lets socket errors of one connection escape its connection task (e.g. a client
+        # that hangs up right after a refused CONNACK makes write_eof() raise), and then the
+        # transport is never closed: asyncio logs "exception was never retrieved" and, worse,
+        # Server.wait_closed() waits for that transport forever at shutdown. Whatever happened,
+        # the connection is over when amqtt returns: close the transport (idempotent).
         try:
             await super().stream_connected(reader, writer, listener_name)
         except (OSError, asyncio.IncompleteReadError) as exc:
