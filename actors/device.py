@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+_TELEMETRY_KINDS = frozenset({TopicKind.TELEMETRY, TopicKind.TELEMETRY_CBOR})
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +206,12 @@ class DeviceActor:
         # Liveness (online) comes from the connection events alone: a publish that waited in
         # the mailbox may be handled after its connection's DISCONNECTED event.
         self._last_seen = max(self._last_seen or 0.0, msg.received_at)
-        if msg.kind is TopicKind.TELEMETRY:
+        if msg.over_limit is not None and msg.kind in _TELEMETRY_KINDS:
+            # The bridge found the device over its messages/s or bytes/s limit: the payload is
+            # kept, never decoded (decoding is what the limit protects).
+            self._tracker.count_received()
+            result: Reading | Rejection = Rejection(QuarantineReason.RATE_LIMITED, msg.over_limit)
+        elif msg.kind is TopicKind.TELEMETRY:
             self._tracker.count_received()
             result = decode_telemetry(msg.payload, device_id=self.device_id, max_bytes=self._config.max_payload_bytes)
         elif msg.kind is TopicKind.TELEMETRY_CBOR:

@@ -81,7 +81,10 @@ class Run:
             raise BenchError(f"keys create failed: {out.stderr.strip()}")
         key = out.stdout.strip().splitlines()[-1]
         mqtt_port, http_port = free_port(), free_port()
-        self.env_node = {**self.env, "DEPOT_NODE_LOG_LEVEL": "warning"}
+        # The bench registers every device through the API with one key, as fast as Argon2
+        # allows: the per-key HTTP rate limit (ADR 0011) is off, so a larger --storm than the
+        # limit's burst is not throttled into a failed registration.
+        self.env_node = {**self.env, "DEPOT_NODE_LOG_LEVEL": "warning", "DEPOT_NODE_HTTP_RATE_LIMIT_PER_S": "0"}
         child = Child(
             "node",
             ["-m", "node", "serve", "--data-dir", str(data), "--mqtt-bind", f"127.0.0.1:{mqtt_port}",

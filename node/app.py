@@ -25,6 +25,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from actors.alerts import AlertSink
 from actors.device import DeviceActorConfig
+from actors.limits import DeviceLimiter
 from actors.router import Router, RouterConfig
 from actors.stats import IngestStats
 from actors.supervisor import Restart, RestartPolicy, supervise
@@ -36,6 +37,8 @@ from node.broker import PLAIN_LISTENER, TLS_LISTENER, NodeBroker, NodeProtocolHa
 from node.config import Settings, parse_bind
 from node.fastpath import FastProtocolHandler
 from node.faults import FaultHooks, FaultyStore
+from node.guard import ConnectionGuard
+from node.limits import device_limits, http_rate_limits
 from node.tls import TlsFiles, default_files, server_context
 from storage.errors import StartupError
 from storage.interfaces import IngestStore
@@ -111,7 +114,23 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     gate = DeviceGate(
         reader, stats, concurrency=settings.auth_concurrency, require_client_cert=settings.mqtts_require_client_cert
     )
-    bridge = Bridge(gate, router, stats, disconnect_on_denial=settings.disconnect_on_acl_denial, alerts=alert_sink)
+    # Limits (ADR 0011): per-device rates in the bridge (Bridge.admit, both MQTT readers),
+    # connection limits in the broker (node.guard).
+    bridge = Bridge(
+        gate,
+        router,
+        stats,
+        disconnect_on_denial=settings.disconnect_on_acl_denial,
+        alerts=alert_sink,
+        limiter=DeviceLimiter(device_limits(settings)),
+        limit_action=settings.device_limit_action,
+    )
+    guard = ConnectionGuard(
+        stats,
+        max_connections=settings.max_connections,
+        max_packet_bytes=settings.max_packet_bytes,
+        packet_timeout=settings.mqtt_packet_timeout_s,
+    )
 
     async def on_credentials_changed(device_id: str, reason: str) -> None:
         # After the commit: the gate forgets the old verification (and restarts checks in
@@ -131,6 +150,8 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
         on_revoked=on_revoked,
         on_credentials_changed=on_credentials_changed,
         metrics_require_key=settings.metrics_require_key,
+        max_devices=settings.max_devices,
+        rate_limits=http_rate_limits(settings),
     )
     app = create_app(services)
 
@@ -150,7 +171,8 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             stale = await store.mark_all_offline("node_restart")
             if stale:
                 log.info("%d devices were online when the node last stopped; marked offline", stale)
-            broker, mqtt_addr, mqtts_addr = await _start_broker(settings, bridge)
+            broker, mqtt_addr, mqtts_addr = await _start_broker(settings, bridge, guard)
+            tg.start_soon(guard.enforce, name="mqtt-guard")
             if settings.device_inactivity_timeout_s > 0:
                 tg.start_soon(broker.enforce_inactivity, settings.device_inactivity_timeout_s, name="inactivity")
             readiness["broker"] = True
@@ -214,7 +236,7 @@ def tls_files(settings: Settings) -> TlsFiles:
 
 
 async def _start_broker(
-    settings: Settings, bridge: Bridge
+    settings: Settings, bridge: Bridge, guard: ConnectionGuard
 ) -> tuple[NodeBroker, tuple[str, int] | None, tuple[str, int] | None]:
     host, port = parse_bind(settings.mqtt_bind)
     tls_bind = parse_bind(settings.mqtts_bind) if settings.mqtts_enabled else None
@@ -224,13 +246,8 @@ async def _start_broker(
         bridge, host=host, port=port, max_connections=settings.max_connections, tls_bind=tls_bind, plain=plain
     )
     handler_class = FastProtocolHandler if settings.broker_fast_path else NodeProtocolHandler
-    broker = NodeBroker(
-        config,
-        bridge,
-        tls_context,
-        handler_class=handler_class,
-        max_packet_bytes=settings.mqtt_max_packet_bytes,
-    )
+    # The guard is in place before the listeners accept anything.
+    broker = NodeBroker(config, bridge, tls_context, handler_class=handler_class, guard=guard)
     try:
         await broker.start()
     except BrokerError as exc:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 from actors.alerts import AlertRule, AlertSignal, AlertSink
+from actors.limits import DeviceLimiter, LimitKind
 from actors.messages import Completion, Link, LinkEvent, Outcome, Publish
 from actors.router import Router
 from actors.stats import IngestStats
@@ -43,6 +44,20 @@ _DEVICE_ACTIONS: Final = frozenset({"publish", "subscribe"})
 #: How long :meth:`Bridge.connected` waits for a stale session to be registered as live.
 _STALE_CLOSE_WAIT: Final = 5.0
 
+#: ``device_limit_action``: what happens to a PUBLISH over its device's rate limits.
+LimitAction = Literal["quarantine", "disconnect"]
+
+
+class OverDeviceLimit(Exception):  # noqa: N818 - a condition, named as the setting names it
+    """:meth:`Bridge.admit` with ``device_limit_action = "disconnect"``: the device is over its
+    rate limits; the PUBLISH was not taken and must not be acknowledged, and the connection is
+    closed with the disconnect reason :attr:`reason`."""
+
+    reason: Final = "rate_limited"
+
+    def __init__(self, device_id: str, detail: str) -> None:
+        super().__init__(f"{device_id}: {detail}")
+
 
 def set_disconnect_reason(session: Session, reason: str, *, overwrite: bool = False) -> None:
     if overwrite or session.attributes.get(DISCONNECT_REASON) is None:
@@ -62,6 +77,8 @@ class Bridge:
         *,
         disconnect_on_denial: bool,
         alerts: AlertSink | None = None,
+        limiter: DeviceLimiter | None = None,
+        limit_action: LimitAction = "quarantine",
     ) -> None:
         self.gate = gate
         self.router = router
@@ -69,19 +86,40 @@ class Bridge:
         self.disconnect_on_denial = disconnect_on_denial
         #: Where ACL denials go as ``acl_denial`` signals (never blocks; see actors.alerts).
         self.alerts = alerts
+        #: Per-device messages/s and bytes/s (actors.limits); None: no limits.
+        self.limiter = limiter
+        self.limit_action: LimitAction = limit_action
         self.broker: NodeBroker | None = None
 
     def admit(self, parsed: ParsedTopic, topic: str, payload: bytes, done: Completion | None) -> Publish | None:
         """The one way in for a device's PUBLISH (the ACL was checked already), from the
         broker's fast path (node.fastpath, per message, so not a coroutine) and from
         :meth:`ingest`. Hands it to the device's actor; returns it when the actor's mailbox is
-        full, and the caller then awaits ``router.deliver`` (the backpressure)."""
-        msg = Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), done)
+        full, and the caller then awaits ``router.deliver`` (the backpressure).
+
+        The device's rate limits (ADR 0011) are checked here, so they hold on both paths. Over
+        them, with ``device_limit_action = "quarantine"`` the message goes on marked
+        ``over_limit`` (the device actor quarantines it as ``rate_limited``, and it is
+        acknowledged once that is durable); with ``"disconnect"`` it raises
+        :class:`OverDeviceLimit`: the message was not taken, nothing will resolve *done*, and
+        the caller must not acknowledge it and closes the connection (reason ``rate_limited``;
+        the device resends after reconnecting).
+        """
+        over_limit = None
+        limiter = self.limiter
+        if limiter is not None:
+            exceeded = limiter.admit(parsed.device_id, len(payload), time.monotonic())
+            if exceeded is not None:
+                over_limit = self._over_limit(parsed.device_id, exceeded)
+                if self.limit_action == "disconnect":
+                    raise OverDeviceLimit(parsed.device_id, over_limit)
+        msg = Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), done, over_limit)
         return None if self.router.deliver_nowait(msg) else msg
 
     async def ingest(self, parsed: ParsedTopic, topic: str, payload: bytes, *, wait: bool) -> Outcome:
         """Deliver one PUBLISH to its device actor; with *wait*, return once it is durable
-        (amqtt's own reader: ``NodeProtocolHandler.handle_publish``, and QoS 2)."""
+        (amqtt's own reader: ``NodeProtocolHandler.handle_publish``, and QoS 2). Raises
+        :class:`OverDeviceLimit` as :meth:`admit` does."""
         if not wait:
             full = self.admit(parsed, topic, payload, None)
             if full is not None:
@@ -99,6 +137,22 @@ class Bridge:
         if full is not None:
             await self.router.deliver(full)
         return await future
+
+    def _over_limit(self, device_id: str, exceeded: LimitKind) -> str:
+        self.stats.count_limit(exceeded.value)
+        limits = self.limiter.limits if self.limiter is not None else None
+        if exceeded is LimitKind.MESSAGES and limits is not None:
+            detail = f"over the limit of {limits.messages_per_s:g} messages/s (burst {limits.messages_burst})"
+        elif limits is not None:
+            detail = f"over the limit of {limits.bytes_per_s:g} payload bytes/s (burst {limits.bytes_burst})"
+        else:
+            detail = f"over the {exceeded.value} limit"
+        # A line per excess message would let a flooding device flood the log too: log the
+        # 1st, 2nd, 4th, 8th, ... excess of the node (the metric has the exact count).
+        n = self.stats.limit_exceeded[exceeded.value]
+        if n & (n - 1) == 0:
+            log.warning("device %s is %s (%s; %d times so far)", device_id, detail, self.limit_action, n)
+        return detail
 
     async def connected(self, session: Session) -> None:
         self.stats.connections += 1
@@ -132,6 +186,8 @@ class Bridge:
 
     async def disconnected(self, session: Session) -> None:
         self.stats.connections -= 1
+        if session.username and self.limiter is not None:
+            self.limiter.release(session.username, time.monotonic())
         if session.username:
             reason = session.attributes.get(DISCONNECT_REASON) or "connection_lost"
             will = None

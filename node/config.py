@@ -42,6 +42,10 @@ def parse_bind(value: str) -> tuple[str, int]:
 
 Bind = Annotated[str, AfterValidator(_check_bind)]
 
+#: Room for a PUBLISH's topic and packet id around a payload of max_payload_bytes: a device's
+#: longest topic is 83 characters.
+_PUBLISH_OVERHEAD = 1024
+
 
 class Settings(BaseSettings):
     """Every setting of the node. Environment: ``DEPOT_NODE_<NAME>`` (e.g. ``DEPOT_NODE_MQTT_BIND``).
@@ -61,9 +65,6 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     max_payload_bytes: int = Field(default=16 * 1024, ge=256, le=256 * 1024 * 1024)
     max_connections: int = Field(default=0, ge=0, description="0 means unlimited")
-    #: The largest MQTT packet a client may send; a larger one closes its connection before it
-    #: is buffered. Payloads between ``max_payload_bytes`` and this are quarantined instead.
-    mqtt_max_packet_bytes: int = Field(default=1024 * 1024, ge=1024, le=268_435_455)
     #: The broker's fast path (node/fastpath.py, ADR 0012); false falls back to amqtt's reader.
     broker_fast_path: bool = True
     #: The garbage collector's first threshold for ``serve`` (0 keeps Python's default, 2000);
@@ -136,6 +137,41 @@ class Settings(BaseSettings):
     def _some_listener(cls, value: bool, info: ValidationInfo) -> bool:
         if not value and not info.data.get("mqtts_enabled"):
             msg = "with the plain listener off, the TLS listener must be on (set mqtts_bind or mqtts_enabled)"
+            raise ValueError(msg)
+        return value
+
+    # Limits (docs/adr/0011-limits.md). Rates of 0 switch that limit off.
+    #: MQTT packets larger than this (remaining length) close the connection before they are
+    #: read; payloads between max_payload_bytes and this are quarantined as payload_too_large.
+    #: One limit for both MQTT readers (node.fastpath and amqtt's): node.guard checks it.
+    max_packet_bytes: int = Field(default=1024 * 1024, ge=1280, le=256 * 1024 * 1024 + 65_536)
+    #: A new connection must send its whole CONNECT within this, and a packet once begun must
+    #: arrive whole within this; otherwise the connection is closed.
+    mqtt_packet_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    #: Most devices registered and not revoked at once (0 = unlimited).
+    max_devices: int = Field(default=10_000, ge=0)
+    #: Per device, token buckets: sustained PUBLISHes per second and how many may come at once.
+    device_max_messages_per_s: float = Field(default=100.0, ge=0)
+    device_burst_messages: int = Field(default=1000, ge=1)
+    #: Per device: sustained payload bytes per second and how many may come at once.
+    device_max_bytes_per_s: float = Field(default=1024.0 * 1024, ge=0)
+    device_burst_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    #: What a PUBLISH over the device limits gets: quarantined as rate_limited (and acknowledged),
+    #: or not acknowledged and the device disconnected (it resends after reconnecting).
+    device_limit_action: Literal["quarantine", "disconnect"] = "quarantine"
+    #: HTTP requests per API key: sustained per second, and how many may come at once (then 429).
+    http_rate_limit_per_s: float = Field(default=100.0, ge=0)
+    http_rate_limit_burst: int = Field(default=1000, ge=1)
+    #: HTTP requests without a valid API key, per remote address.
+    http_anonymous_rate_limit_per_s: float = Field(default=10.0, ge=0)
+    http_anonymous_rate_limit_burst: int = Field(default=100, ge=1)
+
+    @field_validator("max_packet_bytes")
+    @classmethod
+    def _packet_holds_payload(cls, value: int, info: ValidationInfo) -> int:
+        payload = info.data.get("max_payload_bytes")
+        if payload is not None and value < payload + _PUBLISH_OVERHEAD:
+            msg = f"must be at least max_payload_bytes + {_PUBLISH_OVERHEAD} ({payload + _PUBLISH_OVERHEAD})"
             raise ValueError(msg)
         return value
 

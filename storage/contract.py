@@ -106,6 +106,7 @@ class QuarantineReason(enum.StrEnum):
     DEVICE_MISMATCH = "device_mismatch"
     STALE_BOOT = "stale_boot"
     UNSUPPORTED_ENCODING = "unsupported_encoding"
+    RATE_LIMITED = "rate_limited"
 
 
 class Measurements(BaseModel):

@@ -130,6 +130,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX audit_by_action ON audit_log (action, id);
     CREATE INDEX audit_by_target ON audit_log (target, id);
     """,
+    # 5 (forward), 6 (energy), 7 (commands), 8 (ingest) come from the other branches' groups
+    # and go here, in that order.
 )
 
 

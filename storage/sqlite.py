@@ -25,7 +25,7 @@ import anyio
 from storage import credentials
 from storage.audit import Actor, AuditAction, AuditEntry, insert_audit
 from storage.credentials import Change, transaction
-from storage.errors import DeviceExists, StorageError
+from storage.errors import DeviceExists, DeviceLimitReached, StorageError
 from storage.records import AlertRecord, AlertWrite, DeviceBatch, DeviceStateRecord
 from storage.schema import migrate
 
@@ -83,15 +83,29 @@ class SqliteStore:
     # -- admin writes -----------------------------------------------------------------------
 
     async def insert_device(
-        self, device_id: str, type_: str, name: str | None, secret_hash: str, *, by: Actor | None = None
+        self,
+        device_id: str,
+        type_: str,
+        name: str | None,
+        secret_hash: str,
+        *,
+        by: Actor | None = None,
+        max_devices: int = 0,
     ) -> float:
-        """Register a device; raises :class:`DeviceExists`. Returns its creation time.
+        """Register a device; raises :class:`DeviceExists`, or :class:`DeviceLimitReached` when
+        *max_devices* (0: no limit) devices that are not revoked exist. Returns its creation time.
 
         With *by*, the ``device_created`` audit row is written in the same transaction.
         """
 
         def run(c: sqlite3.Connection) -> float:
             created = time.time()
+            # Count and insert on the single writer connection (one statement at a time, under
+            # the store's limiter): two registrations at once cannot both take the last place.
+            if max_devices and _active_devices(c) >= max_devices:
+                if c.execute("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)).fetchone():
+                    raise DeviceExists(device_id)
+                raise DeviceLimitReached(device_id, max_devices)
             try:
                 with transaction(c):
                     c.execute(
@@ -348,3 +362,8 @@ def _write_alerts(conn: sqlite3.Connection, writes: Sequence[AlertWrite]) -> Non
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _active_devices(c: sqlite3.Connection) -> int:
+    (count,) = c.execute("SELECT count(*) FROM devices WHERE revoked_at IS NULL").fetchone()
+    return int(count)

@@ -22,7 +22,12 @@ def _str(s: str | bytes) -> bytes:
 
 
 def connect(
-    client_id: str, username: str | None = None, password: str | None = None, *, keepalive: int = 60, clean: bool = True
+    client_id: str | bytes,
+    username: str | bytes | None = None,
+    password: str | bytes | None = None,
+    *,
+    keepalive: int = 60,
+    clean: bool = True,
 ) -> bytes:
     flags = 0x02 if clean else 0
     payload = _str(client_id)
@@ -67,3 +72,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("connection closed")
         buf += chunk
     return buf
+
+
+def subscribe(filters: list[tuple[str | bytes, int]], *, packet_id: int = 1) -> bytes:
+    """SUBSCRIBE to (filter, QoS) pairs."""
+    body = struct.pack("!H", packet_id) + b"".join(_str(f) + bytes([qos]) for f, qos in filters)
+    return bytes([0x82]) + _varlen(len(body)) + body
+
+
+PINGREQ = b"\xc0\x00"

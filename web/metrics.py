@@ -20,7 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from actors.alerts import AlertRule
-from actors.stats import IngestStats
+from actors.limits import LimitKind
+from actors.stats import GuardClose, IngestStats
 from storage.contract import QuarantineReason
 
 PREFIX: Final = "depot_node_"
@@ -45,6 +46,8 @@ MQTT_CONNECTIONS: Final = PREFIX + "mqtt_connections"
 ALERTS_OPEN: Final = PREFIX + "alerts_open"
 ALERTS_RAISED: Final = PREFIX + "alerts_raised"
 ALERT_SIGNALS_DROPPED: Final = PREFIX + "alert_signals_dropped"
+DEVICE_LIMIT_EXCEEDED: Final = PREFIX + "device_limit_exceeded"
+MQTT_CONNECTIONS_CLOSED: Final = PREFIX + "mqtt_connections_closed"
 
 
 class IngestCollector(Collector):
@@ -96,6 +99,18 @@ class IngestCollector(Collector):
             "Alerts raised (a repeat of an uncleared one is not counted).",
             "rule",
             rules | s.alerts.raised,
+        )
+        yield _labelled_counter(
+            DEVICE_LIMIT_EXCEEDED,
+            "MQTT PUBLISHes over their device's messages/s or bytes/s limit (quarantined or disconnected).",
+            "limit",
+            dict.fromkeys((k.value for k in LimitKind), 0) | s.limit_exceeded,
+        )
+        yield _labelled_counter(
+            MQTT_CONNECTIONS_CLOSED,
+            "MQTT connections refused or closed by the listener's limits (capacity, packet size, stalls).",
+            "reason",
+            dict.fromkeys((r.value for r in GuardClose), 0) | s.guard_closed,
         )
         yield _counter(
             ALERT_SIGNALS_DROPPED,

@@ -53,7 +53,9 @@ Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"}, exam
 Cursor = Annotated[str, Field(max_length=200, description="`next_cursor` of the previous page")]
 Limit = Annotated[
     int,
-    Field(ge=1, description=f"page size, 1 to the node's maximum (1000 unless configured); default {DEFAULT_PAGE}"),
+    # le: the largest maximum a node has (WebServices.max_page may be lower, web.paging checks
+    # that); without it the document would promise any size, and a client could not know.
+    Field(ge=1, le=1000, description=f"page size, 1 to the node's maximum (1000); default {DEFAULT_PAGE}"),
 ]
 
 
@@ -100,6 +102,14 @@ class ValidationProblem(Problem):
 
 class NoContent(BaseModel):
     """Done; no body."""
+
+
+class RateLimited(Problem):
+    """Too many requests: wait the number of seconds in `Retry-After`, then try again."""
+
+
+class MetricsText(BaseModel):
+    """Prometheus metrics in the text exposition format (OpenMetrics when the Accept header asks)."""
 
 
 # -- devices ------------------------------------------------------------------------------------

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from actors.stats import IngestStats
 from storage.reader import Reader
 from storage.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from web.limits import HttpRateLimits
 
 
 async def _nothing(device_id: str) -> None:
@@ -39,3 +43,7 @@ class WebServices:
     on_credentials_changed: Callable[[str, str], Awaitable[None]] = _nothing_for
     #: ``/metrics`` needs a viewer key (setting ``metrics_require_key``).
     metrics_require_key: bool = False
+    #: Most devices registered and not revoked (0: no limit); more is a 409 problem.
+    max_devices: int = 0
+    #: HTTP rate limits per API key and per anonymous address (web.limits); None: none.
+    rate_limits: HttpRateLimits | None = None

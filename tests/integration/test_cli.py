@@ -79,6 +79,9 @@ def test_serve_keys_healthcheck_and_sigterm(tmp_path: Path) -> None:
         (["--mqtt-bind", "localhost"], {}, "mqtt_bind"),
         (["--http-bind", "127.0.0.1:99999"], {}, "http_bind"),
         ([], {"DEPOT_NODE_MAX_PAYLOAD_BYTES": "ten"}, "max_payload_bytes"),
+        ([], {"DEPOT_NODE_MAX_PAYLOAD_BYTES": "2000000"}, "max_packet_bytes"),  # a payload must fit a packet
+        ([], {"DEPOT_NODE_DEVICE_LIMIT_ACTION": "drop"}, "device_limit_action"),
+        ([], {"DEPOT_NODE_HTTP_RATE_LIMIT_PER_S": "-1"}, "http_rate_limit_per_s"),
     ],
 )
 def test_bad_settings_fail_at_start_naming_the_setting(

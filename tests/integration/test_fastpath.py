@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,19 @@ from tests.integration.conftest import RunningNode, make_admin_key, start_node, 
 from tests.payloads import telemetry
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[RunningNode]:
+    """The conftest's node with the fast path on whatever the environment says: these tests
+    are about its reader (``DEPOT_NODE_BROKER_FAST_PATH=false`` runs the rest of the suite on
+    amqtt's, which runs each packet in a task of its own and so acknowledges out of order)."""
+    key = make_admin_key(tmp_path)
+    async with anyio.create_task_group() as tg:
+        running = await start_node(tg, tmp_path, key, broker_fast_path=True)
+        yield running
+        await stop_node(running)
+
 
 PUBACK, PINGRESP = 4, 13
 PINGREQ = b"\xc0\x00"
@@ -175,7 +188,7 @@ async def test_packet_limit_is_a_setting_and_payloads_below_it_are_quarantined(t
     above the packet limit: the connection is closed before the packet is buffered."""
     key = make_admin_key(tmp_path)
     async with anyio.create_task_group() as tg:
-        node = await start_node(tg, tmp_path, key, max_payload_bytes=1024, mqtt_max_packet_bytes=8192)
+        node = await start_node(tg, tmp_path, key, max_payload_bytes=1024, max_packet_bytes=8192)
         secret = await node.register("fp-big")
         connect = mqtt_raw.connect("fp-big", "fp-big", secret)
         big = mqtt_raw.publish("iot/fp-big/telemetry", b"x" * 4000, packet_id=1)

@@ -18,6 +18,8 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from web.app import create_app
+from web.limits import EXEMPT, HttpRateLimits
+from web.openapi import RATE_LIMIT_EXEMPT
 from web.roles import RANK
 from web.services import WebServices
 
@@ -35,22 +37,35 @@ PATH_VALUES: Final = {"device_id": "emu-1", "alert_id": "01JDEPOTNODE00000000000
 ROLES_BY_RANK: Final = sorted(RANK, key=RANK.__getitem__)
 
 
-def routes(app: Quart) -> list[tuple[str, str]]:
-    found = set()
+def endpoints(app: Quart) -> dict[tuple[str, str], str]:
+    """``(OpenAPI path, method)`` → endpoint name, for every route of *app*."""
+    found = {}
     for rule in app.url_map.iter_rules():
         path = re.sub(r"<(?:[^:<>]*:)?([^<>]+)>", r"{\1}", rule.rule)
-        found |= {(path, m.lower()) for m in rule.methods or () if m not in {"HEAD", "OPTIONS"}}
-    return sorted(found)
+        found |= {(path, m.lower()): rule.endpoint for m in rule.methods or () if m not in {"HEAD", "OPTIONS"}}
+    return found
+
+
+def routes(app: Quart) -> list[tuple[str, str]]:
+    return sorted(endpoints(app))
 
 
 def concrete(path: str) -> str:
     return re.sub(r"\{([^}]+)\}", lambda m: PATH_VALUES[m.group(1)], path)
 
 
-@pytest.fixture
-def protected_app(services: WebServices) -> Quart:
-    """The app with every optional protection on (``metrics_require_key``)."""
-    return create_app(replace(services, metrics_require_key=True))
+#: HTTP rate limits high enough for the walk's requests (web.limits), so that the walk checks
+#: authentication with the limiter installed in front of every route.
+WALK_RATE_LIMITS: Final = HttpRateLimits(
+    per_key_per_s=1000.0, per_key_burst=10_000, anonymous_per_s=1000.0, anonymous_burst=10_000
+)
+
+
+@pytest.fixture(params=[None, WALK_RATE_LIMITS], ids=["no-rate-limits", "rate-limits"])
+def protected_app(services: WebServices, request: pytest.FixtureRequest) -> Quart:
+    """The app with every optional protection on (``metrics_require_key``), without and with
+    the HTTP rate limiter."""
+    return create_app(replace(services, metrics_require_key=True, rate_limits=request.param))
 
 
 async def call(client: Client, method: str, path: str, headers: Headers) -> Any:
@@ -84,6 +99,9 @@ async def walk(app: Quart, keys: dict[str, Headers]) -> set[tuple[str, str, str]
             else:
                 assert response.status_code not in (401, 403), (method, path, role, await response.get_data())
         checked.add((path, method, least))
+        if app.config.get(RATE_LIMIT_EXEMPT) is not None and endpoints(app)[path, method] not in EXEMPT:
+            # web.limits is installed: every guarded route documents its 429 as well.
+            assert "429" in operation["responses"], (method, path)
     return checked
 
 

@@ -15,13 +15,14 @@ from quart import Blueprint, Response
 from quart_schema import tag_blueprint, validate_querystring, validate_request, validate_response
 
 from storage.contract import is_valid_device_id
-from storage.errors import DeviceExists
+from storage.errors import DeviceExists, DeviceLimitReached
 from storage.reader import DeviceRow
 from storage.records import DeviceStateRecord
 from storage.secrets import hash_device_secret, new_device_secret
 from web.auth import caller, requires
 from web.context import services
 from web.errors import DEVICE_EXISTS, ApiError
+from web.limits import device_limit_problem
 from web.models import (
     Device,
     DeviceCreate,
@@ -66,10 +67,15 @@ async def create_device(data: DeviceCreate) -> tuple[DeviceCreated, int, dict[st
     secret = new_device_secret()
     # Argon2 costs ~20 ms of CPU: a worker thread, so the event loop keeps serving meters.
     secret_hash = await anyio.to_thread.run_sync(hash_device_secret, secret)
+    svc = services()
     try:
-        created = await services().store.insert_device(data.device_id, data.type, data.name, secret_hash, by=caller())
+        created = await svc.store.insert_device(
+            data.device_id, data.type, data.name, secret_hash, by=caller(), max_devices=svc.max_devices
+        )
     except DeviceExists as exc:
         raise ApiError(HTTPStatus.CONFLICT, f"device {data.device_id!r} already exists", type_=DEVICE_EXISTS) from exc
+    except DeviceLimitReached as exc:
+        raise device_limit_problem(exc.limit) from exc
     body = DeviceCreated(
         device_id=data.device_id,
         type=data.type,

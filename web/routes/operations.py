@@ -20,7 +20,7 @@ from quart_schema import tag_blueprint, validate_response
 from web.auth import requires
 from web.context import metrics_registry, services
 from web.errors import NOT_READY, ApiError
-from web.models import Health, NotReady, Readiness
+from web.models import Health, MetricsText, NotReady, Readiness
 from web.openapi import documents
 from web.services import WebServices
 
@@ -54,6 +54,7 @@ def _metrics_protected(svc: WebServices) -> bool:
 
 @bp.get("/metrics")
 @requires("viewer", only_if=_metrics_protected)
+@documents(MetricsText, HTTPStatus.OK)
 async def metrics() -> Response:
     """Prometheus metrics (text exposition format; OpenMetrics when asked for)."""
     # Synchronous on purpose: the collector reads counters that the actors bump on this
