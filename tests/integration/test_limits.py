@@ -56,6 +56,15 @@ async def events(node: RunningNode, device_id: str) -> list[tuple[str, str]]:
     return [(e["event"], e["detail"]) for e in reversed(page["items"])]
 
 
+async def wait_disconnected(node: RunningNode, device_id: str, reason: str) -> None:
+    """Until the device's connection history records a disconnect for *reason*."""
+
+    async def recorded() -> bool:
+        return ("disconnected", reason) in await events(node, device_id)
+
+    await wait_for(recorded)
+
+
 def session(port: int, device_id: str, secret: str) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(mqtt_raw.connect(device_id, device_id, secret))
@@ -116,10 +125,7 @@ async def test_bytes_over_the_device_rate_disconnect_and_nothing_is_lost(tmp_pat
         assert await anyio.to_thread.run_sync(two_at_once) == b""
         assert await metric(node, "depot_node_device_limit_exceeded_total", 'limit="bytes"') == 1
 
-        async def recorded() -> bool:
-            return ("disconnected", "rate_limited") in await events(node, "big-1")
-
-        await wait_for(recorded)
+        await wait_disconnected(node, "big-1", "rate_limited")
 
         # The device resends after reconnecting, within its rate: stored, nothing lost.
         def resend() -> None:
@@ -167,10 +173,7 @@ async def test_disconnect_action_on_either_reader_and_qos(tmp_path: Path, *, fas
         within = [(PUBACK, b"\x00\x01"), (PUBACK, b"\x00\x02")] if qos else []
         assert got == within[: len(got)]
 
-        async def recorded() -> bool:
-            return ("disconnected", "rate_limited") in await events(node, "flood-1")
-
-        await wait_for(recorded)
+        await wait_disconnected(node, "flood-1", "rate_limited")
         assert [r["seq"] for r in await node.telemetry("flood-1")] == [0, 1]
         assert await metric(node, "depot_node_device_limit_exceeded_total", 'limit="messages"') == 1
 
@@ -188,10 +191,7 @@ async def test_a_packet_over_the_size_limit_closes_the_connection_before_its_bod
         assert await anyio.to_thread.run_sync(announce_a_huge_packet) == b""
         assert await metric(node, "depot_node_mqtt_connections_closed_total", 'reason="packet_too_large"') == 1
 
-        async def recorded() -> bool:
-            return ("disconnected", "packet_too_large") in await events(node, "huge-1")
-
-        await wait_for(recorded)
+        await wait_disconnected(node, "huge-1", "packet_too_large")
 
         # Between the payload and the packet limit: quarantined as payload_too_large.
         def oversize_payload() -> None:
