@@ -260,6 +260,14 @@ class DeviceActor:
             # status and command acks change liveness only: acks are not telemetry, the command
             # actor handles them (node.bridge.Bridge.admit) and this is only their sign of life.
             return None
+        if msg.over_limit is not None:
+            # The bridge found the device over its messages/s or bytes/s limit (ADR 0011): the
+            # payload is kept, never decoded (decoding is what the limit protects).
+            raw = RawMessage(msg.topic, msg.received_at, msg.payload)
+            self._tracker.count_received()
+            self._tracker.count_quarantined()
+            self._quarantine(raw, QuarantineReason.RATE_LIMITED, msg.over_limit)
+            return raw
         cfg = self._config
         result = decode_telemetry(
             msg.payload,

@@ -67,6 +67,9 @@ class Publish:
     payload: bytes
     received_at: float
     done: Completion | None
+    #: Set by the bridge when the message exceeded its device's rate limits and the node is
+    #: configured to quarantine the excess: the detail of the ``rate_limited`` quarantine.
+    over_limit: str | None = None
 
 
 @dataclass(slots=True)

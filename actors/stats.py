@@ -6,7 +6,21 @@ the metric names live in one place (``web/metrics.py``).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class GuardClose(enum.StrEnum):
+    """Why the MQTT listener's limits (node.guard) refused or closed a connection."""
+
+    #: Over ``max_connections``: answered with CONNACK 3 (server unavailable).
+    CAPACITY = "capacity"
+    #: A packet over ``max_packet_bytes`` (or a CONNECT over its own, smaller limit).
+    PACKET_TOO_LARGE = "packet_too_large"
+    #: A malformed remaining length or a reserved packet type.
+    MALFORMED = "malformed"
+    #: No whole CONNECT, or a begun packet not finished, within ``mqtt_packet_timeout_s``.
+    PACKET_TIMEOUT = "packet_timeout"
 
 
 @dataclass(slots=True)
@@ -66,6 +80,10 @@ class IngestStats:
     auth_refused: dict[str, int] = field(default_factory=dict)
     acl_denied: dict[str, int] = field(default_factory=dict)
     connections: int = 0
+    #: PUBLISHes over a device's messages/s or bytes/s limit, by limit (actors.limits.LimitKind).
+    limit_exceeded: dict[str, int] = field(default_factory=dict)
+    #: MQTT connections closed or refused by the listener's limits, by reason (node.guard).
+    guard_closed: dict[str, int] = field(default_factory=dict)
     alerts: AlertStats = field(default_factory=AlertStats)
     commands: CommandStats = field(default_factory=CommandStats)
 
@@ -77,3 +95,9 @@ class IngestStats:
 
     def count_denial(self, action: str) -> None:
         self.acl_denied[action] = self.acl_denied.get(action, 0) + 1
+
+    def count_limit(self, limit: str) -> None:
+        self.limit_exceeded[limit] = self.limit_exceeded.get(limit, 0) + 1
+
+    def count_guard_close(self, reason: str) -> None:
+        self.guard_closed[reason] = self.guard_closed.get(reason, 0) + 1

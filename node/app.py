@@ -25,6 +25,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from actors.alerts import AlertSink
 from actors.device import DeviceActorConfig
+from actors.limits import DeviceLimiter
 from actors.router import Router, RouterConfig
 from actors.stats import IngestStats
 from actors.supervisor import Restart, RestartPolicy, supervise
@@ -32,11 +33,14 @@ from actors.writer import StorageWriter
 from node.alerting import build_alerts, run_alerts, stop_alerts
 from node.auth import DeviceGate
 from node.bridge import Bridge
-from node.broker import NodeBroker, NodeProtocolHandler, broker_config
+from node.broker import PLAIN_LISTENER, TLS_LISTENER, NodeBroker, NodeProtocolHandler, broker_config
 from node.commands import build_commands, run_commands, stop_commands
 from node.config import Settings, parse_bind
 from node.fastpath import FastProtocolHandler
 from node.faults import FaultHooks, FaultyStore
+from node.guard import ConnectionGuard
+from node.limits import device_limits, http_rate_limits
+from node.tls import TlsFiles, default_files, server_context
 from storage.errors import StartupError
 from storage.interfaces import IngestStore
 from storage.reader import Reader
@@ -51,8 +55,11 @@ DB_FILENAME = "depot-node.sqlite3"
 
 @dataclass(frozen=True, slots=True)
 class NodeAddresses:
-    mqtt: tuple[str, int]
+    #: The plain MQTT listener; None when it is turned off (``mqtt_plain_enabled = false``).
+    mqtt: tuple[str, int] | None
     http: tuple[str, int]
+    #: The TLS MQTT listener, when it is on.
+    mqtts: tuple[str, int] | None = None
 
 
 def database_path(data_dir: Path) -> Path:
@@ -105,15 +112,39 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     alerts_done = anyio.Event()
     alert_sink = alerts.signal if alerts is not None else None
     router = _router(settings, ingest_store, writer, stats, faults, alerts=alert_sink)
-    gate = DeviceGate(reader, stats, concurrency=settings.auth_concurrency)
-    bridge = Bridge(gate, router, stats, disconnect_on_denial=settings.disconnect_on_acl_denial, alerts=alert_sink)
+    gate = DeviceGate(
+        reader, stats, concurrency=settings.auth_concurrency, require_client_cert=settings.mqtts_require_client_cert
+    )
+    # Limits (ADR 0011): per-device rates in the bridge (Bridge.admit, both MQTT readers),
+    # connection limits in the broker (node.guard).
+    bridge = Bridge(
+        gate,
+        router,
+        stats,
+        disconnect_on_denial=settings.disconnect_on_acl_denial,
+        alerts=alert_sink,
+        limiter=DeviceLimiter(device_limits(settings)),
+        limit_action=settings.device_limit_action,
+    )
+    guard = ConnectionGuard(
+        stats,
+        max_connections=settings.max_connections,
+        max_packet_bytes=settings.max_packet_bytes,
+        packet_timeout=settings.mqtt_packet_timeout_s,
+    )
+
+    async def on_credentials_changed(device_id: str, reason: str) -> None:
+        # After the commit: the gate forgets the old verification (and restarts checks in
+        # flight), then the live session goes; a reconnect is checked against the new state.
+        gate.forget(device_id)
+        await bridge.disconnect(device_id, reason)
+
     # Commands (node/commands.py): acks, connects and subscriptions reach the actor through the bridge.
     commands, deliverer = build_commands(settings, store, stats.commands, bridge)
     commands_done = anyio.Event()
 
     async def on_revoked(device_id: str) -> None:
-        gate.forget(device_id)
-        await bridge.disconnect(device_id)
+        await on_credentials_changed(device_id, "revoked")
 
     readiness = {"storage": False, "broker": False, "http": False}
 
@@ -126,6 +157,10 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
         stats=stats,
         readiness=readiness,
         on_revoked=on_revoked,
+        on_credentials_changed=on_credentials_changed,
+        metrics_require_key=settings.metrics_require_key,
+        max_devices=settings.max_devices,
+        rate_limits=http_rate_limits(settings),
         on_device_changed=on_device_changed,
     )
     services.commands = commands
@@ -149,15 +184,18 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             stale = await store.mark_all_offline("node_restart")
             if stale:
                 log.info("%d devices were online when the node last stopped; marked offline", stale)
-            broker, mqtt_addr = await _start_broker(settings, bridge)
+            broker, mqtt_addr, mqtts_addr = await _start_broker(settings, bridge, guard)
+            tg.start_soon(guard.enforce, name="mqtt-guard")
             if settings.device_inactivity_timeout_s > 0:
                 tg.start_soon(broker.enforce_inactivity, settings.device_inactivity_timeout_s, name="inactivity")
             readiness["broker"] = True
             tg.start_soon(run_http, name="http")
             readiness["http"] = True
-            log.info("depot-node listening: mqtt://%s:%d http://%s:%d", *mqtt_addr, *http_addr)
+            for scheme, addr in (("mqtt", mqtt_addr), ("mqtts", mqtts_addr), ("http", http_addr)):
+                if addr is not None:
+                    log.info("depot-node listening: %s://%s:%d", scheme, *addr)
             log.info("data in %s", db.resolve())
-            task_status.started(NodeAddresses(mqtt=mqtt_addr, http=http_addr))
+            task_status.started(NodeAddresses(mqtt=mqtt_addr, http=http_addr, mqtts=mqtts_addr))
 
             await shutdown.wait()
             log.info("shutting down")
@@ -171,6 +209,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             tg.cancel_scope.cancel()
     finally:
         writer.fail_pending()
+        gate.close()
         reader.close()
         store.close()
         log.info("stopped")
@@ -205,17 +244,41 @@ async def _run_writer(writer: StorageWriter, done: anyio.Event) -> None:
         done.set()
 
 
-async def _start_broker(settings: Settings, bridge: Bridge) -> tuple[NodeBroker, tuple[str, int]]:
+def tls_files(settings: Settings) -> TlsFiles:
+    """The TLS listener's files: the configured ones, else those ``depot-node ca init`` wrote."""
+    default = default_files(settings.data_dir)
+    return TlsFiles(
+        cert=settings.tls_cert_file or default.cert,
+        key=settings.tls_key_file or default.key,
+        ca=settings.tls_ca_file or default.ca,
+    )
+
+
+async def _start_broker(
+    settings: Settings, bridge: Bridge, guard: ConnectionGuard
+) -> tuple[NodeBroker, tuple[str, int] | None, tuple[str, int] | None]:
     host, port = parse_bind(settings.mqtt_bind)
-    config = broker_config(bridge, host=host, port=port, max_connections=settings.max_connections)
+    tls_bind = parse_bind(settings.mqtts_bind) if settings.mqtts_enabled else None
+    tls_context = server_context(tls_files(settings)) if settings.mqtts_enabled else None
+    plain = settings.mqtt_plain_enabled
+    config = broker_config(
+        bridge, host=host, port=port, max_connections=settings.max_connections, tls_bind=tls_bind, plain=plain
+    )
     handler_class = FastProtocolHandler if settings.broker_fast_path else NodeProtocolHandler
-    broker = NodeBroker(config, bridge, handler_class=handler_class, max_packet_bytes=settings.mqtt_max_packet_bytes)
+    # The guard is in place before the listeners accept anything.
+    broker = NodeBroker(config, bridge, tls_context, handler_class=handler_class, guard=guard)
     try:
         await broker.start()
     except BrokerError as exc:
-        raise StartupError(f"MQTT listener {settings.mqtt_bind}: {exc.__cause__ or exc}") from exc
-    addr = next(iter(broker._servers["default"].instance.sockets)).getsockname()[:2]  # noqa: SLF001 - no public accessor
-    return broker, addr
+        binds = [b for b, on in ((settings.mqtt_bind, plain), (settings.mqtts_bind, tls_bind)) if on]
+        raise StartupError(f"MQTT listener {' / '.join(binds)}: {exc.__cause__ or exc}") from exc
+
+    def address(name: str) -> tuple[str, int]:
+        server = broker._servers[name]  # noqa: SLF001 - no public accessor
+        return tuple(next(iter(server.instance.sockets)).getsockname()[:2])
+
+    tls_name = TLS_LISTENER if plain else PLAIN_LISTENER
+    return broker, address(PLAIN_LISTENER) if plain else None, address(tls_name) if tls_bind else None
 
 
 async def _drain(broker: NodeBroker, router: Router, writer: StorageWriter, writer_done: anyio.Event) -> None:

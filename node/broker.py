@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any, Final, cast
 
 from amqtt.broker import Broker
@@ -39,7 +40,9 @@ from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import Session
 
 from actors.messages import Outcome
-from node.bridge import Bridge, set_disconnect_reason
+from node.bridge import Bridge, OverDeviceLimit, set_disconnect_reason
+from node.guard import ConnectionGuard, attach_session
+from node.tls import note_transport
 from storage.contract import PUBLISH_KINDS, parse_topic
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,6 @@ class NodeProtocolHandler(BrokerProtocolHandler):
     _keepalive_close: asyncio.Task[None] | None = None
     #: Event-loop time of the last PUBLISH or PINGREQ (see NodeBroker.enforce_inactivity).
     last_activity: float = 0.0
-    #: Largest packet accepted (enforced by node.fastpath's reader; amqtt's own has no limit).
-    max_packet_bytes: int = 1 << 20
 
     @classmethod
     def prepare_session(cls, session: Session) -> None:
@@ -71,6 +72,8 @@ class NodeProtocolHandler(BrokerProtocolHandler):
     owns_client_loop: bool = False
 
     async def start(self) -> None:
+        if self.session is not None:
+            attach_session(self.reader, self.session)  # node.guard: before amqtt reads past the CONNECT
         await super().start()
         # Only an authenticated session gets here (amqtt starts the handler after CONNACK 0).
         broker = self.bridge.broker
@@ -110,7 +113,11 @@ class NodeProtocolHandler(BrokerProtocolHandler):
                 return
             await self._acknowledge(qos, packet_id)
             return
-        outcome = await self.bridge.ingest(parsed, topic, bytes(data), wait=qos != QOS_0)
+        try:
+            outcome = await self.bridge.ingest(parsed, topic, bytes(data), wait=qos != QOS_0)
+        except OverDeviceLimit as exc:
+            await self._close(f"over its rate limits ({exc})", OverDeviceLimit.reason)
+            return
         if outcome is Outcome.FAILED:
             await self._close("message could not be made durable")
             return
@@ -187,15 +194,17 @@ class NodeBroker(Broker):
         self,
         config: dict[str, Any],
         bridge: Bridge,
+        tls_context: ssl.SSLContext | None = None,
         *,
         handler_class: type[NodeProtocolHandler] = NodeProtocolHandler,
-        max_packet_bytes: int = 1 << 20,
+        guard: ConnectionGuard | None = None,
     ) -> None:
         super().__init__(config)
         self.bridge = bridge
+        #: The TLS listener's context, built by node.tls (used instead of amqtt's own).
+        self.tls_context = tls_context
         #: NodeProtocolHandler (amqtt's reader) or node.fastpath.FastProtocolHandler.
         self.handler_class = handler_class
-        self.max_packet_bytes = max_packet_bytes
         bridge.broker = self
         #: Authenticated, open connections per client id. amqtt's own session table is not
         #: enough: a CONNECT with a taken client id replaces the table entry *before* it is
@@ -203,6 +212,9 @@ class NodeBroker(Broker):
         #: clean session never closes the first (MQTT-3.1.4-2). Revocation, takeover and
         #: "online" use this registry instead.
         self.live: dict[str, list[NodeProtocolHandler]] = {}
+        #: Connection limits before amqtt parses anything (node.guard): connection count,
+        #: packet size (``max_packet_bytes``, for both readers) and stalled packets.
+        self.guard = guard
 
     async def register_live(self, handler: NodeProtocolHandler) -> None:
         """A session was accepted: take over from any older connection of the same client."""
@@ -262,7 +274,6 @@ class NodeBroker(Broker):
         self.handler_class.prepare_session(session)
         cast("NodeProtocolHandler", handler).slim()
         node_handler = cast("NodeProtocolHandler", handler)
-        node_handler.max_packet_bytes = self.max_packet_bytes
         node_handler.bridge = self.bridge
         node_handler.last_activity = asyncio.get_running_loop().time()
         return handler, session
@@ -287,6 +298,13 @@ class NodeBroker(Broker):
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
+        # node.guard: refuse past max_connections, and check the framing of what arrives.
+        guard = self.guard
+        if guard is not None and await guard.refuse_if_full(writer):
+            writer.close()
+            return
+        checked = guard.open(reader, writer) if guard is not None else None
+        note_transport(writer)  # TLS and client certificate, for the auth plugin (node/tls.py)
         # amqtt lets socket errors of one connection escape its connection task (e.g. a client
         # that hangs up right after a refused CONNACK makes write_eof() raise), and then the
         # transport is never closed: asyncio logs "exception was never retrieved" and, worse,
@@ -299,6 +317,16 @@ class NodeBroker(Broker):
         finally:
             writer.close()
             self._restore_session_table()
+            if guard is not None and checked is not None:
+                guard.close(checked)
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:  # type: ignore[override]
+        # amqtt builds its own context from file names (ssl.create_default_context, which
+        # has no explicit minimum version); the node's is built and checked in node/tls.py.
+        if self.tls_context is None:
+            msg = "a TLS listener is configured without a TLS context"
+            raise ValueError(msg)
+        return self.tls_context
 
     async def enforce_inactivity(self, silence: float) -> None:
         """Close sessions that sent no PUBLISH or PINGREQ for *silence* seconds, by the node's
@@ -327,13 +355,34 @@ class NodeBroker(Broker):
         return bool(handlers)
 
 
-def broker_config(bridge: Bridge, *, host: str, port: int, max_connections: int) -> dict[str, Any]:
-    """The amqtt configuration: one TCP listener, our two plugins, nothing else."""
+#: amqtt requires a listener named "default"; the TLS one is "mqtts", or "default" when alone.
+PLAIN_LISTENER: Final = "default"
+TLS_LISTENER: Final = "mqtts"
+
+
+def broker_config(
+    bridge: Bridge,
+    *,
+    host: str,
+    port: int,
+    max_connections: int,
+    tls_bind: tuple[str, int] | None = None,
+    plain: bool = True,
+) -> dict[str, Any]:
+    """The amqtt configuration: the TCP listener(s), our two plugins, nothing else."""
     # No brackets even for IPv6: amqtt splits at the last colon, and would pass "[::1]"
     # with its brackets on to getaddrinfo.
-    bind = f"{host}:{port}"
+    listeners: dict[str, dict[str, Any]] = {}
+    if plain:
+        listeners[PLAIN_LISTENER] = {"type": "tcp", "bind": f"{host}:{port}", "max_connections": max_connections}
+    if tls_bind is not None:
+        name = TLS_LISTENER if plain else PLAIN_LISTENER
+        tls_host, tls_port = tls_bind
+        listeners[name] = {
+            "type": "tcp", "bind": f"{tls_host}:{tls_port}", "max_connections": max_connections, "ssl": True,
+        }  # fmt: skip
     return {
-        "listeners": {"default": {"type": "tcp", "bind": bind, "max_connections": max_connections}},
+        "listeners": listeners,
         "plugins": {
             "node.plugins.DeviceAuthPlugin": {"bridge": bridge},
             "node.plugins.DeviceAclPlugin": {"bridge": bridge},

@@ -1,4 +1,5 @@
-"""The ``depot-node`` command: serve, keys create, healthcheck, simulate."""
+"""The ``depot-node`` command: serve, keys create | list | delete, ca init | server-cert | issue,
+healthcheck, simulate."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import gc
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,7 @@ import click
 
 from node.config import Settings, load_settings, parse_bind
 from node.sim.meter import SUPPLIES
+from storage.audit import CLI_ACTOR
 from storage.errors import ConfigError, NodeError
 from storage.secrets import ROLES, new_api_key
 
@@ -65,12 +71,36 @@ def tune_gc(gen0_threshold: int) -> None:
 @data_dir_option
 @click.option("--mqtt-bind", metavar="HOST:PORT", help="MQTT listener (default 127.0.0.1:1883).")
 @click.option("--http-bind", metavar="HOST:PORT", help="HTTP API listener (default 127.0.0.1:8080).")
-def serve(config: Path | None, data_dir: Path | None, mqtt_bind: str | None, http_bind: str | None) -> None:
+@click.option("--mqtts-bind", metavar="HOST:PORT", help="Turn on the MQTT TLS listener here (e.g. 0.0.0.0:8883).")
+@click.option(
+    "--require-client-cert", is_flag=True, default=None, help="Refuse TLS sessions without a device certificate."
+)
+@click.option(
+    "--mqtt-plain/--no-mqtt-plain", default=None, help="The plain MQTT listener on --mqtt-bind (off: TLS only)."
+)
+def serve(  # noqa: PLR0917 - click passes every option as an argument
+    config: Path | None,
+    data_dir: Path | None,
+    mqtt_bind: str | None,
+    http_bind: str | None,
+    mqtts_bind: str | None,
+    require_client_cert: bool | None,
+    mqtt_plain: bool | None,
+) -> None:
     """Run the node until SIGINT or SIGTERM."""
     from node import logs, memtrace
     from node.app import run_node
 
-    settings = _settings(config, data_dir=data_dir, mqtt_bind=mqtt_bind, http_bind=http_bind)
+    settings = _settings(
+        config,
+        data_dir=data_dir,
+        mqtt_bind=mqtt_bind,
+        http_bind=http_bind,
+        mqtts_bind=mqtts_bind,
+        mqtts_enabled=True if mqtts_bind else None,
+        mqtts_require_client_cert=require_client_cert,
+        mqtt_plain_enabled=mqtt_plain,
+    )
     logs.configure(settings.log_level, settings.log_format)
     try:
         memtrace.install_from_env(os.environ)  # debug hook, off unless its variable is set
@@ -109,24 +139,145 @@ def keys() -> None:
     """Manage API keys."""
 
 
-@keys.command("create")
-@click.option("--role", type=click.Choice(ROLES), required=True, help="What the key may do.")
-@config_option
-@data_dir_option
-def keys_create(role: str, config: Path | None, data_dir: Path | None) -> None:
-    """Create an API key and print it once (the key alone is the last line of stdout)."""
+@contextmanager
+def _database(config: Path | None, data_dir: Path | None) -> Iterator[sqlite3.Connection]:
+    """The node's database as a writer connection (SQLite's locking makes it safe beside a
+    running node; a write waits for the node's current commit)."""
     from node.app import database_path
-    from storage.sqlite import connect, insert_api_key
+    from storage.sqlite import connect
 
     settings = _settings(config, data_dir=data_dir)
-    key_id, key, key_hash = new_api_key()
-    conn = connect(database_path(settings.data_dir), synchronous=settings.sqlite_synchronous)
     try:
-        insert_api_key(conn, key_id, role, key_hash)
+        conn = connect(database_path(settings.data_dir), synchronous=settings.sqlite_synchronous)
+    except (sqlite3.Error, OSError, NodeError) as exc:
+        raise click.ClickException(f"cannot open the database in {settings.data_dir}: {exc}") from exc
+    try:
+        yield conn
     finally:
         conn.close()
+
+
+@keys.command("create")
+@click.option("--role", type=click.Choice(ROLES), required=True, help="What the key may do.")
+@click.option("--name", default=None, help="What the key is for, e.g. grafana (shown in `keys list`).")
+@config_option
+@data_dir_option
+def keys_create(role: str, name: str | None, config: Path | None, data_dir: Path | None) -> None:
+    """Create an API key and print it once (the key alone is the last line of stdout)."""
+    from storage.sqlite import insert_api_key
+
+    key_id, key, key_hash = new_api_key()
+    with _database(config, data_dir) as conn:
+        insert_api_key(conn, key_id, role, key_hash, name=name, by=CLI_ACTOR)
     click.echo(f"Created {role} API key {key_id}. It is shown only now; store it safely:")
     click.echo(key)
+
+
+@main.group()
+def ca() -> None:
+    """A device CA for sites without their own PKI (files under DATA_DIR/tls)."""
+
+
+server_name_option = click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    metavar="NAME",
+    help="Another DNS name or IP address for the server certificate (repeatable); "
+    "localhost, 127.0.0.1 and ::1 are always in it.",
+)
+
+
+@ca.command("init")
+@config_option
+@data_dir_option
+@server_name_option
+@click.option("--force", is_flag=True, help="Replace an existing CA (every device certificate must be reissued).")
+def ca_init(config: Path | None, data_dir: Path | None, server_names: tuple[str, ...], *, force: bool) -> None:
+    """Create the device CA and the TLS listener's server certificate."""
+    from node.ca import CaError, init_ca
+
+    settings = _settings(config, data_dir=data_dir)
+    try:
+        tls_dir = init_ca(settings.data_dir, server_names=server_names, force=force)
+    except CaError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Created the device CA and the server certificate in {tls_dir}.")
+    click.echo("Keep ca.key secret and off the node if you can: it signs device certificates.")
+
+
+@ca.command("server-cert")
+@config_option
+@data_dir_option
+@server_name_option
+def ca_server_cert(config: Path | None, data_dir: Path | None, server_names: tuple[str, ...]) -> None:
+    """Renew the TLS listener's server certificate with the existing CA (restart the node after)."""
+    from node.ca import CaError, renew_server
+
+    settings = _settings(config, data_dir=data_dir)
+    try:
+        cert = renew_server(settings.data_dir, server_names=server_names)
+    except CaError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Wrote {cert}; device certificates stay valid. Restart the node to use it.")
+
+
+@ca.command("issue")
+@click.argument("device_id")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for DEVICE_ID.crt, DEVICE_ID.key and ca.crt.",
+)
+@config_option
+@data_dir_option
+@click.option("--days", default=825, show_default=True, type=click.IntRange(1, 36500), help="Validity in days.")
+@click.option("--force", is_flag=True, help="Replace this device's certificate and key in --out.")
+def ca_issue(device_id: str, out: Path, config: Path | None, data_dir: Path | None, days: int, *, force: bool) -> None:
+    """Sign a client certificate for DEVICE_ID with the device CA."""
+    from node.ca import CaError, issue_device
+
+    settings = _settings(config, data_dir=data_dir)
+    try:
+        cert, key, ca_cert = issue_device(settings.data_dir, device_id, out, days=days, force=force)
+    except CaError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Wrote {cert}, {key} (private, mode 0600) and {ca_cert}.")
+
+
+@keys.command("list")
+@config_option
+@data_dir_option
+def keys_list(config: Path | None, data_dir: Path | None) -> None:
+    """List API keys (id, role, name, created, revoked); never the keys themselves."""
+    from storage.credentials import select_api_keys
+
+    with _database(config, data_dir) as conn:
+        rows = select_api_keys(conn, "", 1 << 30)
+    click.echo(f"{'KEY ID':<12}  {'ROLE':<8}  {'CREATED (UTC)':<20}  {'REVOKED (UTC)':<20}  NAME")
+    for row in rows:
+        revoked = _utc(row.revoked_at) if row.revoked_at is not None else "-"
+        click.echo(f"{row.key_id:<12}  {row.role:<8}  {_utc(row.created_at):<20}  {revoked:<20}  {row.name or ''}")
+
+
+@keys.command("delete")
+@click.argument("key_id")
+@config_option
+@data_dir_option
+def keys_delete(key_id: str, config: Path | None, data_dir: Path | None) -> None:
+    """Delete (revoke) the API key KEY_ID: the node refuses it from its next request on."""
+    from storage.credentials import Change, revoke_api_key
+
+    with _database(config, data_dir) as conn:
+        change = revoke_api_key(conn, key_id, CLI_ACTOR)
+    if change is Change.MISSING:
+        raise click.ClickException(f"no API key {key_id!r} (see `depot-node keys list`)")
+    click.echo(f"API key {key_id} {'was deleted already' if change is Change.UNCHANGED else 'deleted'}.")
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @main.command()

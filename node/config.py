@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from actors.alerts import AlertRule
@@ -47,6 +47,10 @@ def parse_bind(value: str) -> tuple[str, int]:
 
 Bind = Annotated[str, AfterValidator(_check_bind)]
 
+#: Room for a PUBLISH's topic and packet id around a payload of max_payload_bytes: a device's
+#: longest topic is 83 characters.
+_PUBLISH_OVERHEAD = 1024
+
 
 class Settings(BaseSettings):
     """Every setting of the node. Environment: ``DEPOT_NODE_<NAME>`` (e.g. ``DEPOT_NODE_MQTT_BIND``).
@@ -71,11 +75,6 @@ class Settings(BaseSettings):
     #: A reading whose device time is further ahead of the node's clock is quarantined.
     telemetry_max_future_skew_s: float = Field(default=300.0, ge=0)
     max_connections: int = Field(default=0, ge=0, description="0 means unlimited")
-    #: The largest MQTT packet a client may send; a larger one closes its connection before it
-    #: is buffered. Payloads between ``max_payload_bytes`` and this are quarantined instead.
-    #: It must leave room for a full batch: at least ``max_batch_payload_bytes`` plus
-    #: :data:`PUBLISH_OVERHEAD_BYTES` (checked below).
-    mqtt_max_packet_bytes: int = Field(default=1024 * 1024, ge=1024, le=268_435_455)
     #: The broker's fast path (node/fastpath.py, ADR 0012); false falls back to amqtt's reader.
     broker_fast_path: bool = True
     #: The event loop ``serve`` runs on: asyncio's own, or uvloop (ADR 0012, docs/benchmarks.md).
@@ -93,6 +92,8 @@ class Settings(BaseSettings):
     auth_concurrency: int = Field(default=2, ge=1, le=64)
     #: Close a device's session when it publishes where its ACL forbids.
     disconnect_on_acl_denial: bool = False
+    #: ``/metrics`` answers only with an API key (any role, viewer or higher).
+    metrics_require_key: bool = False
     # Alerts (see actors/alerts.py for each rule's raise and clear):
     #: Run the alert rules at all; off, nothing raises or clears alerts (the API still lists them).
     alerts_enabled: bool = True
@@ -123,10 +124,77 @@ class Settings(BaseSettings):
     #: The longest ``ttl_s`` a command may ask for.
     command_max_ttl_s: int = Field(default=7 * 86400, ge=1, le=365 * 86400)
 
-    @field_validator("mqtt_max_packet_bytes")
+    # TLS (node/tls.py; production set-up in docs/security.md):
+    #: The TLS MQTT listener. Setting ``mqtts_bind`` (file, env or --mqtts-bind) turns it on.
+    mqtts_enabled: bool = False
+    mqtts_bind: Bind = "127.0.0.1:8883"
+    #: Refuse a TLS session without a client certificate from the device CA (mutual TLS).
+    mqtts_require_client_cert: bool = False
+    #: Server certificate (chain), its key and the device CA; by default the files that
+    #: ``depot-node ca init`` wrote under ``DATA_DIR/tls``. Sites with a PKI point these at theirs.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    #: The plain (unencrypted) MQTT listener on ``mqtt_bind``; off in production (TLS only).
+    mqtt_plain_enabled: bool = True
+
+    @model_validator(mode="before")
     @classmethod
-    def _room_for_a_batch(cls, value: int, info: ValidationInfo) -> int:
-        # Declared after max_batch_payload_bytes, so that one is in info.data when it is valid.
+    def _bind_enables_tls(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mqtts_bind" in data and "mqtts_enabled" not in data:
+            return {**data, "mqtts_enabled": True}
+        return data
+
+    @field_validator("mqtts_require_client_cert")
+    @classmethod
+    def _require_cert_needs_tls(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("mqtts_enabled"):
+            msg = "needs the TLS listener (set mqtts_bind or mqtts_enabled)"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("mqtt_plain_enabled")
+    @classmethod
+    def _some_listener(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value and not info.data.get("mqtts_enabled"):
+            msg = "with the plain listener off, the TLS listener must be on (set mqtts_bind or mqtts_enabled)"
+            raise ValueError(msg)
+        return value
+
+    # Limits (docs/adr/0011-limits.md). Rates of 0 switch that limit off.
+    #: MQTT packets larger than this (remaining length) close the connection before they are
+    #: read; payloads between max_payload_bytes and this are quarantined as payload_too_large.
+    #: One limit for both MQTT readers (node.fastpath and amqtt's): node.guard checks it.
+    max_packet_bytes: int = Field(default=1024 * 1024, ge=1280, le=256 * 1024 * 1024 + 65_536)
+    #: A new connection must send its whole CONNECT within this, and a packet once begun must
+    #: arrive whole within this; otherwise the connection is closed.
+    mqtt_packet_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    #: Most devices registered and not revoked at once (0 = unlimited).
+    max_devices: int = Field(default=10_000, ge=0)
+    #: Per device, token buckets: sustained PUBLISHes per second and how many may come at once.
+    device_max_messages_per_s: float = Field(default=100.0, ge=0)
+    device_burst_messages: int = Field(default=1000, ge=1)
+    #: Per device: sustained payload bytes per second and how many may come at once.
+    device_max_bytes_per_s: float = Field(default=1024.0 * 1024, ge=0)
+    device_burst_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    #: What a PUBLISH over the device limits gets: quarantined as rate_limited (and acknowledged),
+    #: or not acknowledged and the device disconnected (it resends after reconnecting).
+    device_limit_action: Literal["quarantine", "disconnect"] = "quarantine"
+    #: HTTP requests per API key: sustained per second, and how many may come at once (then 429).
+    http_rate_limit_per_s: float = Field(default=100.0, ge=0)
+    http_rate_limit_burst: int = Field(default=1000, ge=1)
+    #: HTTP requests without a valid API key, per remote address.
+    http_anonymous_rate_limit_per_s: float = Field(default=10.0, ge=0)
+    http_anonymous_rate_limit_burst: int = Field(default=100, ge=1)
+
+    @field_validator("max_packet_bytes")
+    @classmethod
+    def _packet_holds_payload(cls, value: int, info: ValidationInfo) -> int:
+        payload = info.data.get("max_payload_bytes")
+        if payload is not None and value < payload + _PUBLISH_OVERHEAD:
+            msg = f"must be at least max_payload_bytes + {_PUBLISH_OVERHEAD} ({payload + _PUBLISH_OVERHEAD})"
+            raise ValueError(msg)
+        # A full batch of readings must get through the broker too.
         batch = info.data.get("max_batch_payload_bytes")
         if batch is not None and value < batch + PUBLISH_OVERHEAD_BYTES:
             msg = (

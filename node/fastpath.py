@@ -8,8 +8,10 @@ replaces exactly one amqtt internal, ``ProtocolHandler._reader_loop``, for conne
 reader is amqtt's ``StreamReaderAdapter`` (plain TCP and TLS):
 
 * **Buffered reader.** One ``read()`` per chunk of bytes that arrived, then every complete
-  packet in the buffer is parsed from memory. A packet larger than the configured maximum
-  closes the connection before it is buffered.
+  packet in the buffer is parsed from memory. The packet size limit (``max_packet_bytes``) is
+  not checked here: ``node.guard`` checks every packet's header where the bytes arrive, in
+  the ``StreamReader`` this reader reads, and ends the stream before an oversize body is
+  buffered, for this reader and amqtt's alike.
 * **One keep-alive timer per connection** instead of a ``wait_for`` per packet: a
   ``call_later`` that re-arms itself from the time of the last byte received, and calls
   ``handle_read_timeout`` (which closes the session, see ``node.broker``) after
@@ -73,6 +75,7 @@ from amqtt.session import Session
 from transitions.core import MachineError
 
 from actors.messages import Completion, Outcome, Publish
+from node.bridge import OverDeviceLimit
 from node.broker import NodeProtocolHandler
 from storage.contract import PUBLISH_KINDS, parse_topic
 
@@ -329,6 +332,10 @@ class FastProtocolHandler(NodeProtocolHandler):
             log.debug("reader of %r stopped", self._client_id())
         except _Denied:
             await self._close("ACL denial")
+        except OverDeviceLimit as exc:
+            # Bridge.admit took nothing: its PUBACK (QoS 1) stays unsent, and goes with the
+            # connection.
+            await self._close(f"over its rate limits ({exc})", OverDeviceLimit.reason)
         except MalformedPacket as exc:
             await self._close(f"malformed packet: {exc}", "protocol_error")
         except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
@@ -378,7 +385,6 @@ class FastProtocolHandler(NodeProtocolHandler):
         """Handle every complete packet at the start of *buf*; return how many bytes they took."""
         pos = 0
         size = len(buf)
-        limit = self.max_packet_bytes
         while size - pos >= _MIN_PACKET:
             first = buf[pos]
             # Remaining length: 1-4 bytes, 7 bits each, least significant first (§2.2.3).
@@ -395,9 +401,9 @@ class FastProtocolHandler(NodeProtocolHandler):
                     break
                 shift += 7
                 if shift > _MAX_LENGTH_SHIFT:
+                    # node.guard closes such a stream before it gets here; this only keeps
+                    # the parser's own loop bounded.
                     raise MalformedPacket("remaining length longer than four bytes")
-            if length > limit:
-                raise MalformedPacket(f"packet of {length} bytes exceeds the limit of {limit}")
             end = i + length
             if end > size:
                 return pos  # wait for the rest of the packet

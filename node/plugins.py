@@ -14,6 +14,8 @@ from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from node.bridge import set_auth_generation
+from node.tls import current_transport
 from storage.contract import TopicKind, may_publish, may_subscribe, parse_topic
 
 
@@ -28,7 +30,20 @@ class DeviceAuthPlugin(BaseAuthPlugin):
 
     async def authenticate(self, *, session: Session) -> bool | None:
         will_topic = session.will_topic if session.will_flag else None
-        return bool(await self._bridge.gate.check(session.client_id, session.username, session.password, will_topic))
+        gate = self._bridge.gate
+        transport = current_transport()
+        # Taken before the check: a rotation, disable or revocation committed while this CONNECT
+        # is between its check and its registration as live is caught by Bridge.connected. A
+        # certificate login may send no username: its identity is then the client id.
+        generation = gate.generation(session.username or session.client_id or "")
+        ok = bool(await gate.check(session.client_id, session.username, session.password, will_topic, transport))
+        if ok and session.username is None:
+            # Identified by its client certificate (node.tls): the device id is the identity
+            # that the ACL, the PUBLISH path and the bridge read from the session.
+            session.username = session.client_id
+        if ok:
+            set_auth_generation(session, generation)
+        return ok
 
     async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
         await self._bridge.connected(client_session)

@@ -119,6 +119,7 @@ class QuarantineReason(enum.StrEnum):
     IMPLAUSIBLE_VOLTAGE = "implausible_voltage"
     FUTURE_TIMESTAMP = "future_timestamp"
     REGISTER_DECREASED = "register_decreased"
+    RATE_LIMITED = "rate_limited"
 
 
 class Measurements(BaseModel):

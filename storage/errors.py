@@ -9,6 +9,7 @@
     │   ├── DeviceNotFound
     │   ├── DeviceExists
     │   └── CommandConflict   an idempotency key came again with a different command
+    │   └── DeviceLimitReached   registering one more would pass max_devices
     └── StorageError         SQLite failed; the batch was not committed
         └── MigrationError   the schema could not be brought to the current version
 
@@ -46,6 +47,12 @@ class DeviceNotFound(DeviceError):  # noqa: N818 - reads as what happened
 class DeviceExists(DeviceError):  # noqa: N818
     def __init__(self, device_id: str) -> None:
         super().__init__(device_id, "device already registered")
+
+
+class DeviceLimitReached(DeviceError):  # noqa: N818
+    def __init__(self, device_id: str, limit: int) -> None:
+        super().__init__(device_id, f"the node already holds its maximum of {limit} devices")
+        self.limit = limit
 
 
 class StorageError(NodeError):

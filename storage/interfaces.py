@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from storage.audit import AuditEntry
 from storage.records import (
     AlertRecord,
     AlertWrite,
@@ -67,4 +68,11 @@ class CommandStore(Protocol):
     ) -> None:
         """Apply *changes* in order and keep *quarantined*, in one transaction; raise
         :class:`storage.errors.StorageError` on failure."""
+
+
+class AuditSink(Protocol):
+    async def record_audit(self, entry: AuditEntry) -> None:
+        """Append *entry* to the audit log (e.g. ``command_sent``); raise
+        :class:`storage.errors.StorageError` on failure. :class:`storage.sqlite.SqliteStore`
+        implements it on its writer connection."""
         ...

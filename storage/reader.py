@@ -20,6 +20,8 @@ from typing import Any
 import anyio
 
 from storage import command_sql
+from storage.audit import AuditRecord, select_audit
+from storage.credentials import ApiKeyRow, select_api_keys
 from storage.errors import StorageError
 from storage.records import AlertRecord, CommandRecord, DeviceStateRecord
 from storage.sqlite import SELECT_ALERTS, alert_from_row, load_device_state
@@ -55,14 +57,23 @@ class DeviceRow:
     name: str | None
     created_at: float
     revoked_at: float | None
+    disabled_at: float | None = None
+    secret_rotated_at: float | None = None
     #: A :class:`storage.validation.SupplySystem` value; None when registered without one.
     supply: str | None = None
+
+
+#: The columns of :class:`DeviceRow`, in its field order.
+_SELECT_DEVICES = (
+    "SELECT device_id, type, name, created_at, revoked_at, disabled_at, secret_rotated_at, supply FROM devices"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
     secret_hash: str
     revoked: bool
+    disabled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +145,10 @@ class Reader:
 
     async def credentials(self, device_id: str) -> Credentials | None:
         def q(c: sqlite3.Connection) -> Credentials | None:
-            row = c.execute("SELECT secret_hash, revoked_at FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-            return None if row is None else Credentials(row[0], row[1] is not None)
+            row = c.execute(
+                "SELECT secret_hash, revoked_at, disabled_at FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            return None if row is None else Credentials(row[0], row[1] is not None, row[2] is not None)
 
         return await self._run(q)
 
@@ -152,10 +165,7 @@ class Reader:
 
     async def device(self, device_id: str) -> tuple[DeviceRow, DeviceStateRecord | None] | None:
         def q(c: sqlite3.Connection) -> tuple[DeviceRow, DeviceStateRecord | None] | None:
-            row = c.execute(
-                "SELECT device_id, type, name, created_at, revoked_at, supply FROM devices WHERE device_id = ?",
-                (device_id,),
-            ).fetchone()
+            row = c.execute(_SELECT_DEVICES + " WHERE device_id = ?", (device_id,)).fetchone()
             if row is None:
                 return None
             return DeviceRow(*row), load_device_state(c, device_id)
@@ -167,8 +177,7 @@ class Reader:
 
         def q(c: sqlite3.Connection) -> Page[DeviceRow]:
             rows = c.execute(
-                "SELECT device_id, type, name, created_at, revoked_at, supply FROM devices"
-                " WHERE device_id > ? ORDER BY device_id LIMIT ?",
+                _SELECT_DEVICES + " WHERE device_id > ? ORDER BY device_id LIMIT ?",
                 (after, limit + 1),
             ).fetchall()
             items = [DeviceRow(*r) for r in rows[:limit]]
@@ -280,6 +289,30 @@ class Reader:
 
     async def command(self, device_id: str, command_id: str) -> CommandRecord | None:
         return await self._run(lambda c: command_sql.read_command(c, device_id, command_id))
+
+    async def api_keys(self, limit: int, cursor: str | None) -> Page[ApiKeyRow]:
+        """API keys ordered by id, revoked ones included; never their hashes."""
+        after = decode_cursor(cursor, str)[0] if cursor else ""
+
+        def q(c: sqlite3.Connection) -> Page[ApiKeyRow]:
+            rows = select_api_keys(c, after, limit + 1)
+            items = rows[:limit]
+            return Page(items, encode_cursor(items[-1].key_id) if len(rows) > limit else None)
+
+        return await self._run(q)
+
+    async def audit(
+        self, action: str | None, target: str | None, since: float | None, limit: int, cursor: str | None
+    ) -> Page[AuditRecord]:
+        """The audit log, newest first, optionally of one action and target, at or after *since*."""
+        before = decode_cursor(cursor, int)[0] if cursor else 2**62
+
+        def q(c: sqlite3.Connection) -> Page[AuditRecord]:
+            rows = select_audit(c, action=action, target=target, since=since, before_id=before, limit=limit + 1)
+            items = rows[:limit]
+            return Page(items, encode_cursor(items[-1].id) if len(rows) > limit else None)
+
+        return await self._run(q)
 
     async def ping(self) -> bool:
         return await self._run(lambda c: c.execute("SELECT 1").fetchone() == (1,))

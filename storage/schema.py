@@ -110,8 +110,27 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX alerts_by_state ON alerts (state, id);
     CREATE INDEX alerts_by_device ON alerts (device_id, id);
     """,
-    # 4 (creds), 5 (forward) and 6 (energy): the other feature groups' migrations, one entry
-    # each, go here at the final merge. Until then 7 and 8 below run as versions 4 and 5.
+    # 4: credential lifecycle (disable/enable, when a secret was last rotated), API key names,
+    # and the audit log (storage/audit.py). `action` has no CHECK: a new action must not need
+    # a migration. Rows are only ever appended.
+    """
+    ALTER TABLE devices ADD COLUMN disabled_at REAL;
+    ALTER TABLE devices ADD COLUMN secret_rotated_at REAL;
+    ALTER TABLE api_keys ADD COLUMN name TEXT;
+
+    CREATE TABLE audit_log (
+        id      INTEGER PRIMARY KEY,
+        at      REAL NOT NULL,
+        action  TEXT NOT NULL,
+        target  TEXT NOT NULL,
+        actor   TEXT NOT NULL,
+        role    TEXT,
+        details TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX audit_by_action ON audit_log (action, id);
+    CREATE INDEX audit_by_target ON audit_log (target, id);
+    """,
+    # 5 (forward) and 6 (energy) go here (final merge).
     # 7: commands to devices and every state each one passed through (`queued → sent → acked
     # | failed | expired`). At most one command per (device, idempotency key). `request` is the
     # canonical JSON of what was asked (name, args, ttl_s), to tell a repeat from a conflict.

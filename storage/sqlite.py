@@ -22,9 +22,11 @@ from typing import Any, Literal
 
 import anyio
 
-from storage import command_sql
+from storage import command_sql, credentials
+from storage.audit import Actor, AuditAction, AuditEntry, insert_audit
 from storage.contract import Measurements
-from storage.errors import DeviceExists, StorageError
+from storage.credentials import Change, transaction
+from storage.errors import DeviceExists, DeviceLimitReached, StorageError
 from storage.records import (
     AlertRecord,
     AlertWrite,
@@ -57,8 +59,17 @@ class SqliteStore:
         self.path = path
         self._conn = connect(path, synchronous=synchronous)
         self._limiter = anyio.CapacityLimiter(1)
+        # Device actors load their state through a read connection of their own, not the
+        # writer's: a reconnect storm starts a thousand actors at once, and their loads queued
+        # on the writer's limiter made every commit (and so every PUBACK) wait behind them
+        # (bench/reconnect_storm.py). An actor loads only after a writer barrier, so what it
+        # reads here is everything committed for it.
+        self._state_conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=30.0)
+        self._state_conn.execute("PRAGMA query_only=ON")
+        self._state_limiter = anyio.CapacityLimiter(1)
 
     def close(self) -> None:
+        self._state_conn.close()
         self._conn.close()
 
     async def _run[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -70,7 +81,12 @@ class SqliteStore:
     # -- ingest ---------------------------------------------------------------------------
 
     async def load_device_state(self, device_id: str) -> DeviceStateRecord | None:
-        return await self._run(lambda c: load_device_state(c, device_id))
+        try:
+            return await anyio.to_thread.run_sync(
+                load_device_state, self._state_conn, device_id, limiter=self._state_limiter
+            )
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from exc
 
     async def commit(self, batches: Sequence[DeviceBatch]) -> None:
         await self._run(lambda c: _commit(c, batches))
@@ -81,18 +97,40 @@ class SqliteStore:
     # -- admin writes -----------------------------------------------------------------------
 
     async def insert_device(
-        self, device_id: str, type_: str, name: str | None, secret_hash: str, supply: str | None = None
+        self,
+        device_id: str,
+        type_: str,
+        name: str | None,
+        secret_hash: str,
+        supply: str | None = None,
+        *,
+        by: Actor | None = None,
+        max_devices: int = 0,
     ) -> float:
-        """Register a device; raises :class:`DeviceExists`. Returns its creation time."""
+        """Register a device; raises :class:`DeviceExists`, or :class:`DeviceLimitReached` when
+        *max_devices* (0: no limit) devices that are not revoked exist. Returns its creation time.
+
+        With *by*, the ``device_created`` audit row is written in the same transaction.
+        """
 
         def run(c: sqlite3.Connection) -> float:
             created = time.time()
+            # Count and insert on the single writer connection (one statement at a time, under
+            # the store's limiter): two registrations at once cannot both take the last place.
+            if max_devices and _active_devices(c) >= max_devices:
+                if c.execute("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)).fetchone():
+                    raise DeviceExists(device_id)
+                raise DeviceLimitReached(device_id, max_devices)
             try:
-                c.execute(
-                    "INSERT INTO devices (device_id, type, name, created_at, secret_hash, supply)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (device_id, type_, name, created, secret_hash, supply),
-                )
+                with transaction(c):
+                    c.execute(
+                        "INSERT INTO devices (device_id, type, name, created_at, secret_hash, supply)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (device_id, type_, name, created, secret_hash, supply),
+                    )
+                    if by is not None:
+                        details = {"type": type_, "name": name, "supply": supply}
+                        insert_audit(c, AuditEntry(AuditAction.DEVICE_CREATED, device_id, by, dict(details), created))
             except sqlite3.IntegrityError as exc:
                 raise DeviceExists(device_id) from exc
             return created
@@ -107,17 +145,37 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def revoke_device(self, device_id: str) -> bool:
+    async def revoke_device(self, device_id: str, *, by: Actor | None = None) -> bool:
         """Mark *device_id* revoked; False when there is no such active device."""
 
         def run(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
-                "UPDATE devices SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL",
-                (time.time(), device_id),
-            )
-            return cur.rowcount == 1
+            def write() -> credentials.Written[bool]:
+                cur = c.execute(
+                    "UPDATE devices SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL",
+                    (time.time(), device_id),
+                )
+                done = cur.rowcount == 1
+                return done, AuditAction.DEVICE_REVOKED if done else None, {}
+
+            return credentials.audited(c, device_id, by, write)
 
         return await self._run(run)
+
+    # -- credential lifecycle (storage/credentials.py), each with its audit row -------------------
+
+    async def rotate_device_secret(self, device_id: str, secret_hash: str, *, by: Actor | None = None) -> Change:
+        return await self._run(lambda c: credentials.rotate_device_secret(c, device_id, secret_hash, by))
+
+    async def set_device_disabled(self, device_id: str, disabled: bool, *, by: Actor | None = None) -> Change:
+        return await self._run(lambda c: credentials.set_device_disabled(c, device_id, disabled, by))
+
+    async def revoke_api_key(self, key_id: str, *, by: Actor | None = None) -> Change:
+        return await self._run(lambda c: credentials.revoke_api_key(c, key_id, by))
+
+    async def record_audit(self, entry: AuditEntry) -> None:
+        """Append *entry* to the audit log: for events that are no database change of their own,
+        such as a command sent to a device. Runs on the writer connection, in its own thread."""
+        await self._run(lambda c: insert_audit(c, entry))
 
     async def mark_all_offline(self, detail: str) -> int:
         """At start-up: no device is connected to a node that just started. Returns how many
@@ -138,8 +196,10 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def insert_api_key(self, key_id: str, role: str, key_hash: str) -> None:
-        await self._run(lambda c: insert_api_key(c, key_id, role, key_hash))
+    async def insert_api_key(
+        self, key_id: str, role: str, key_hash: str, *, name: str | None = None, by: Actor | None = None
+    ) -> float:
+        return await self._run(lambda c: insert_api_key(c, key_id, role, key_hash, name=name, by=by))
 
     # -- alerts (the alert actor writes them; an operator acknowledges them) ---------------------
 
@@ -153,7 +213,7 @@ class SqliteStore:
     async def write_alerts(self, writes: Sequence[AlertWrite]) -> None:
         await self._run(lambda c: _write_alerts(c, writes))
 
-    async def ack_alert(self, alert_id: str, key_id: str) -> AlertRecord | None:
+    async def ack_alert(self, alert_id: str, key_id: str, *, by: Actor | None = None) -> AlertRecord | None:
         """Acknowledge *alert_id* if it is open, on behalf of API key *key_id*.
 
         Returns the alert as it is afterwards (None when there is no such alert): an alert
@@ -163,9 +223,15 @@ class SqliteStore:
         """
 
         def run(c: sqlite3.Connection) -> AlertRecord | None:
-            c.execute(_ACK_ALERT, (time.time(), key_id, alert_id))
-            row = c.execute(SELECT_ALERTS + " WHERE alert_id = ?", (alert_id,)).fetchone()
-            return None if row is None else alert_from_row(row)
+            def write() -> credentials.Written[AlertRecord | None]:
+                acked = c.execute(_ACK_ALERT, (time.time(), key_id, alert_id)).rowcount == 1
+                row = c.execute(SELECT_ALERTS + " WHERE alert_id = ?", (alert_id,)).fetchone()
+                record = None if row is None else alert_from_row(row)
+                if not acked or record is None:
+                    return record, None, {}
+                return record, AuditAction.ALERT_ACKNOWLEDGED, {"device_id": record.device_id, "rule": record.rule}
+
+            return credentials.audited(c, alert_id, by, write)
 
         return await self._run(run)
 
@@ -186,11 +252,17 @@ class SqliteStore:
         await self._run(lambda c: command_sql.write_command_changes(c, changes, quarantined))
 
 
-def insert_api_key(conn: sqlite3.Connection, key_id: str, role: str, key_hash: str) -> None:
-    conn.execute(
-        "INSERT INTO api_keys (key_id, role, key_hash, created_at) VALUES (?, ?, ?, ?)",
-        (key_id, role, key_hash, time.time()),
-    )
+def insert_api_key(
+    conn: sqlite3.Connection,
+    key_id: str,
+    role: str,
+    key_hash: str,
+    *,
+    name: str | None = None,
+    by: Actor | None = None,
+) -> float:
+    """Store a new API key (its hash only), with its ``key_created`` audit row when *by* is given."""
+    return credentials.insert_api_key(conn, key_id, role, key_hash, name=name, by=by)
 
 
 def load_device_state(conn: sqlite3.Connection, device_id: str) -> DeviceStateRecord | None:
@@ -345,3 +417,8 @@ def _write_alerts(conn: sqlite3.Connection, writes: Sequence[AlertWrite]) -> Non
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _active_devices(c: sqlite3.Connection) -> int:
+    (count,) = c.execute("SELECT count(*) FROM devices WHERE revoked_at IS NULL").fetchone()
+    return int(count)

@@ -22,7 +22,12 @@ def _str(s: str | bytes) -> bytes:
 
 
 def connect(
-    client_id: str, username: str | None = None, password: str | None = None, *, keepalive: int = 60, clean: bool = True
+    client_id: str | bytes,
+    username: str | bytes | None = None,
+    password: str | bytes | None = None,
+    *,
+    keepalive: int = 60,
+    clean: bool = True,
 ) -> bytes:
     flags = 0x02 if clean else 0
     payload = _str(client_id)
@@ -41,11 +46,6 @@ def publish(topic: str, payload: bytes, *, qos: int = 1, packet_id: int = 1, dup
     header = 0x30 | (qos << 1) | (0x08 if dup else 0)
     body = _str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
     return bytes([header]) + _varlen(len(body)) + body
-
-
-def subscribe(topic: str, *, qos: int = 1, packet_id: int = 1) -> bytes:
-    body = struct.pack("!H", packet_id) + _str(topic) + bytes([qos])
-    return b"\x82" + _varlen(len(body)) + body
 
 
 def puback(packet_id: int) -> bytes:
@@ -76,3 +76,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("connection closed")
         buf += chunk
     return buf
+
+
+def subscribe(filters: list[tuple[str | bytes, int]], *, packet_id: int = 1) -> bytes:
+    """SUBSCRIBE to (filter, QoS) pairs."""
+    body = struct.pack("!H", packet_id) + b"".join(_str(f) + bytes([qos]) for f, qos in filters)
+    return bytes([0x82]) + _varlen(len(body)) + body
+
+
+PINGREQ = b"\xc0\x00"

@@ -16,9 +16,10 @@ from quart_schema import HttpSecurityScheme, Info, QuartSchema
 from web.auth import SECURITY_SCHEME
 from web.context import install
 from web.errors import register_error_handlers
+from web.limits import install_rate_limits
 from web.metrics import build_registry
 from web.openapi import NodeOpenAPIProvider
-from web.routes import alerts, devices, events, operations, quarantine, telemetry
+from web.routes import alerts, audit, credentials, devices, events, keys, operations, quarantine, telemetry
 from web.routes import commands as command_routes
 from web.services import WebServices
 
@@ -56,4 +57,8 @@ def create_app(services: WebServices) -> Quart:
     for blueprint in (operations.bp, devices.bp, events.bp, telemetry.bp, quarantine.bp, alerts.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(command_routes.bp)
+    for blueprint in (credentials.bp, keys.bp, audit.bp):
+        app.register_blueprint(blueprint)
+    if services.rate_limits is not None:
+        install_rate_limits(app, services.rate_limits)  # after the routes: it documents their 429
     return app

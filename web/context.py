@@ -26,5 +26,10 @@ def services() -> WebServices:
     return cast("WebServices", current_app.extensions[_SERVICES])
 
 
+def app_services(app: Quart) -> WebServices:
+    """The services of *app*, outside a request (the OpenAPI document is built per app)."""
+    return cast("WebServices", app.extensions[_SERVICES])
+
+
 def metrics_registry() -> CollectorRegistry:
     return cast("CollectorRegistry", current_app.extensions[_REGISTRY])

@@ -8,7 +8,8 @@ Every error response of the API has this shape (one handler per kind of failure,
 * Request validation errors from quart-schema become 422 with the field errors in ``errors``
   (location, message, pydantic's error type; never the rejected input, which may be a secret).
 * Werkzeug's HTTP errors (unknown route, wrong method, malformed JSON, body too large) keep
-  their status and headers (``Allow`` on 405) and get the problem body.
+  their status and headers (``Allow`` on 405) and get the problem body; a body that is not
+  UTF-8 (which Quart lets escape as a ``UnicodeDecodeError``) is a 400 too.
 * Anything else is a bug or an outage: it is logged with its traceback and answered with a
   generic 500. The client never sees a stack trace or an internal message.
 """
@@ -44,6 +45,8 @@ NOT_READY: Final = _TAG + "not-ready"
 ALERT_CLEARED: Final = _TAG + "alert-cleared"
 IDEMPOTENCY_CONFLICT: Final = _TAG + "idempotency-conflict"
 DEVICE_REVOKED: Final = _TAG + "device-revoked"
+RATE_LIMITED: Final = _TAG + "rate-limited"
+DEVICE_LIMIT: Final = _TAG + "device-limit"
 
 
 class ApiError(Exception):
@@ -150,6 +153,12 @@ def _http_detail(error: HTTPException) -> str:
             return (error.description or _title(error.code or 400)).strip()
 
 
+async def _on_undecodable(error: UnicodeDecodeError) -> Response:
+    # Quart decodes a JSON body as UTF-8 before parsing it and lets the error escape: a client
+    # sending bytes that are not UTF-8 made a bad request, not a server error.
+    return problem_response(HTTPStatus.BAD_REQUEST, "the request body is not valid UTF-8")
+
+
 async def _on_unexpected(error: Exception) -> Response:
     log.error("unhandled error in an API request", exc_info=error)
     return problem_response(
@@ -164,4 +173,5 @@ def register_error_handlers(app: Quart) -> None:
     app.register_error_handler(RequestSchemaValidationError, _on_validation_error)
     app.register_error_handler(BadCursor, _on_bad_cursor)
     app.register_error_handler(HTTPException, _on_http_exception)
+    app.register_error_handler(UnicodeDecodeError, _on_undecodable)
     app.register_error_handler(Exception, _on_unexpected)

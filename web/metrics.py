@@ -21,7 +21,8 @@ from prometheus_client.registry import Collector
 
 from actors.alerts import AlertRule
 from actors.commands import IGNORED_FINISHED, IGNORED_OTHER_DEVICE, IGNORED_UNKNOWN
-from actors.stats import CommandStats, IngestStats
+from actors.limits import LimitKind
+from actors.stats import CommandStats, GuardClose, IngestStats
 from storage.command_contract import CommandState
 from storage.contract import QuarantineReason
 
@@ -53,6 +54,8 @@ COMMAND_RESENDS: Final = PREFIX + "command_resends"
 COMMAND_EXPIRATIONS: Final = PREFIX + "command_expirations"
 COMMAND_ACKS_IGNORED: Final = PREFIX + "command_acks_ignored"
 COMMAND_ACKS_QUARANTINED: Final = PREFIX + "command_acks_quarantined"
+DEVICE_LIMIT_EXCEEDED: Final = PREFIX + "device_limit_exceeded"
+MQTT_CONNECTIONS_CLOSED: Final = PREFIX + "mqtt_connections_closed"
 
 
 class IngestCollector(Collector):
@@ -104,6 +107,18 @@ class IngestCollector(Collector):
             "Alerts raised (a repeat of an uncleared one is not counted).",
             "rule",
             rules | s.alerts.raised,
+        )
+        yield _labelled_counter(
+            DEVICE_LIMIT_EXCEEDED,
+            "MQTT PUBLISHes over their device's messages/s or bytes/s limit (quarantined or disconnected).",
+            "limit",
+            dict.fromkeys((k.value for k in LimitKind), 0) | s.limit_exceeded,
+        )
+        yield _labelled_counter(
+            MQTT_CONNECTIONS_CLOSED,
+            "MQTT connections refused or closed by the listener's limits (capacity, packet size, stalls).",
+            "reason",
+            dict.fromkeys((r.value for r in GuardClose), 0) | s.guard_closed,
         )
         yield _counter(
             ALERT_SIGNALS_DROPPED,

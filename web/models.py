@@ -16,7 +16,9 @@ from typing import Annotated, Final, Literal, Self
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from actors.alerts import AlertRule, AlertState, Severity
+from storage.audit import AuditAction, AuditRecord, DetailValue
 from storage.contract import DEVICE_ID_PATTERN, DeviceType, format_ts, is_valid_device_id
+from storage.credentials import ApiKeyRow
 from storage.reader import DeviceRow, EventItem, QuarantineItem, TelemetryItem
 from storage.records import AlertRecord, DeviceStateRecord
 from storage.validation import SUPPLY_LIMITS, SupplySystem
@@ -52,7 +54,9 @@ Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"}, exam
 Cursor = Annotated[str, Field(max_length=200, description="`next_cursor` of the previous page")]
 Limit = Annotated[
     int,
-    Field(ge=1, description=f"page size, 1 to the node's maximum (1000 unless configured); default {DEFAULT_PAGE}"),
+    # le: the largest maximum a node has (WebServices.max_page may be lower, web.paging checks
+    # that); without it the document would promise any size, and a client could not know.
+    Field(ge=1, le=1000, description=f"page size, 1 to the node's maximum (1000); default {DEFAULT_PAGE}"),
 ]
 
 
@@ -101,6 +105,14 @@ class NoContent(BaseModel):
     """Done; no body."""
 
 
+class RateLimited(Problem):
+    """Too many requests: wait the number of seconds in `Retry-After`, then try again."""
+
+
+class MetricsText(BaseModel):
+    """Prometheus metrics in the text exposition format (OpenMetrics when the Accept header asks)."""
+
+
 # -- devices ------------------------------------------------------------------------------------
 
 
@@ -138,6 +150,8 @@ class Device(BaseModel):
     name: str | None
     created_at: Timestamp
     revoked: bool
+    #: A disabled device is refused at CONNECT until it is enabled again (same secret).
+    disabled: bool = False
     #: null: registered without one (voltage checked against the widest range of its type).
     supply: SupplySystem | None = None
 
@@ -149,6 +163,7 @@ class Device(BaseModel):
             name=row.name,
             created_at=epoch_to_ts(row.created_at),
             revoked=row.revoked_at is not None,
+            disabled=row.disabled_at is not None,
             supply=None if row.supply is None else SupplySystem(row.supply),
         )
 
@@ -303,8 +318,9 @@ class DeviceEventOut(BaseModel):
     event: Literal["connected", "disconnected", "will_published"]
     #: For a connect, the peer address; for a disconnect why: ``clean`` (DISCONNECT packet),
     #: ``connection_lost`` (socket closed without one), ``keepalive_expired``, ``revoked``,
-    #: ``closed_by_node``, ``node_stopping``, ``node_restart`` (the node stopped without
-    #: recording it: a crash or a kill); for ``will_published`` the will's topic and payload.
+    #: ``secret_rotated``, ``disabled``, ``credentials_changed``, ``closed_by_node``,
+    #: ``node_stopping``, ``node_restart`` (the node stopped without recording it: a crash or a
+    #: kill); for ``will_published`` the will's topic and payload.
     detail: str
 
     @classmethod
@@ -390,3 +406,99 @@ class NotReady(Problem):
     """An RFC 9457 problem: the node is not ready; ``down`` names the components that are not up."""
 
     down: list[str]
+
+
+# -- credentials, API keys, audit -----------------------------------------------------------------
+
+
+class DeviceSecret(BaseModel):
+    """The device's new MQTT password, shown this once; the old one no longer works."""
+
+    device_id: str
+    secret: str
+    rotated_at: Timestamp
+
+
+KeyRole = Literal["viewer", "operator", "admin"]
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: KeyRole
+    #: What the key is for, e.g. "grafana" (never needed to use it).
+    name: str | None = Field(default=None, max_length=200)
+
+
+class ApiKey(BaseModel):
+    """An API key as listed: never the key itself, which is shown only when it is created."""
+
+    key_id: str
+    role: KeyRole
+    name: str | None
+    created_at: Timestamp
+    revoked: bool
+    revoked_at: Timestamp | None
+
+    @classmethod
+    def from_row(cls, row: ApiKeyRow) -> Self:
+        return cls(
+            key_id=row.key_id,
+            role=row.role,  # type: ignore[arg-type] # the schema's CHECK allows only these
+            name=row.name,
+            created_at=epoch_to_ts(row.created_at),
+            revoked=row.revoked_at is not None,
+            revoked_at=None if row.revoked_at is None else epoch_to_ts(row.revoked_at),
+        )
+
+
+class ApiKeyCreated(ApiKey):
+    """The key is created. ``key`` (the bearer token) is shown this once only."""
+
+    key: str
+
+
+class ApiKeyPage(BaseModel):
+    """API keys ordered by id, revoked ones included; ``next_cursor`` is null on the last page."""
+
+    items: list[ApiKey]
+    next_cursor: str | None
+
+
+class AuditQuery(PageQuery):
+    action: AuditAction | None = None
+    #: A device id, API key id or alert id.
+    target: str | None = Field(default=None, max_length=200)
+    since: Rfc3339 | None = Field(default=None, description="entries at or after this time")
+
+
+class AuditEntryOut(BaseModel):
+    """One change: what (``action`` on ``target``), who (``actor``: an API key id or ``cli``,
+    with its ``role``), when (``at``), and ``details`` (never a secret)."""
+
+    id: int
+    at: Timestamp
+    action: AuditAction
+    target: str
+    actor: str
+    role: str | None
+    details: dict[str, DetailValue]
+
+    @classmethod
+    def from_record(cls, r: AuditRecord) -> Self:
+        return cls(
+            id=r.id,
+            at=epoch_to_ts(r.at),
+            action=AuditAction(r.action),
+            target=r.target,
+            actor=r.actor,
+            role=r.role,
+            details=r.details,
+        )
+
+
+class AuditPage(BaseModel):
+    """The audit log, newest first; ``next_cursor`` is null on the last page."""
+
+    items: list[AuditEntryOut]
+    next_cursor: str | None

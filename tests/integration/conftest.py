@@ -40,6 +40,7 @@ class RunningNode:
     @property
     def mqtt_port(self) -> int:
         assert self.addresses is not None
+        assert self.addresses.mqtt is not None
         return self.addresses.mqtt[1]
 
     @property

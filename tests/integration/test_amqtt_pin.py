@@ -16,6 +16,7 @@ import amqtt.broker
 import amqtt.mqtt.packet
 import amqtt.mqtt.protocol.broker_handler
 import amqtt.mqtt.protocol.handler
+import amqtt.plugins.manager
 import amqtt.session
 
 from node.broker import AMQTT_VERSION
@@ -94,6 +95,18 @@ PINNED = {
     "UnSubscription.__init__": (amqtt.mqtt.protocol.broker_handler.UnSubscription.__init__, "c826492606d1d9f0"),
     "Session.__init__": (amqtt.session.Session.__init__, "ad7888c0daff2038"),
     "Session._init_states": (amqtt.session.Session._init_states, "63c76988bf4f81ce"),
+    # TLS (node/tls.py): _create_ssl_context is replaced by the node's own context, which
+    # _start_listeners asks for. The client certificate reaches the auth plugin through a
+    # context variable set in stream_connected: that needs _client_connected to authenticate
+    # in the connection's own task and _map_plugin_method to run plugins with ensure_future
+    # (which copies the context).
+    "Broker._create_ssl_context": (amqtt.broker.Broker._create_ssl_context, "a08eef5bbc53bf9a"),
+    "Broker._start_listeners": (amqtt.broker.Broker._start_listeners, "5ac2d716d33babb4"),
+    "Broker._client_connected": (amqtt.broker.Broker._client_connected, "432b724bc4fb7946"),
+    "PluginManager._map_plugin_method": (
+        amqtt.plugins.manager.PluginManager._map_plugin_method,
+        "54c50c05df3ad189",
+    ),
 }
 
 

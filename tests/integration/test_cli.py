@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -86,7 +87,10 @@ def test_serve_keys_healthcheck_and_sigterm(tmp_path: Path, event_loop: str) -> 
         (["--http-bind", "127.0.0.1:99999"], {}, "http_bind"),
         ([], {"DEPOT_NODE_MAX_PAYLOAD_BYTES": "ten"}, "max_payload_bytes"),
         # A full batch must fit in the broker's packet limit.
-        ([], {"DEPOT_NODE_MAX_BATCH_PAYLOAD_BYTES": str(2 << 20)}, "mqtt_max_packet_bytes"),
+        ([], {"DEPOT_NODE_MAX_BATCH_PAYLOAD_BYTES": str(2 << 20)}, "max_packet_bytes"),
+        ([], {"DEPOT_NODE_MAX_PAYLOAD_BYTES": "2000000"}, "max_packet_bytes"),  # a payload must fit a packet
+        ([], {"DEPOT_NODE_DEVICE_LIMIT_ACTION": "drop"}, "device_limit_action"),
+        ([], {"DEPOT_NODE_HTTP_RATE_LIMIT_PER_S": "-1"}, "http_rate_limit_per_s"),
     ],
 )
 def test_bad_settings_fail_at_start_naming_the_setting(
@@ -104,3 +108,37 @@ def test_config_file_unknown_setting(tmp_path: Path) -> None:
     result = cli("serve", "--config", str(cfg))
     assert result.returncode != 0
     assert "mqtt_bnd" in result.stderr
+
+
+def test_keys_list_and_delete(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    created = cli("keys", "create", "--role", "viewer", "--name", "grafana", "--data-dir", data)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    key_id = key.split("_")[1]
+    listed = cli("keys", "list", "--data-dir", data)
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [line for line in listed.stdout.splitlines() if line.startswith(key_id)]
+    assert row.split()[1] == "viewer"
+    assert row.endswith("grafana")
+    assert key not in listed.stdout  # never the key itself
+
+    deleted = cli("keys", "delete", key_id, "--data-dir", data)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "deleted" in deleted.stdout
+    again = cli("keys", "delete", key_id, "--data-dir", data)
+    assert again.returncode == 0
+    assert "deleted already" in again.stdout
+    (row,) = [line for line in cli("keys", "list", "--data-dir", data).stdout.splitlines() if line.startswith(key_id)]
+    assert row.split()[1] == "viewer"
+    assert row.split()[4] != "-"  # revoked at a time
+
+    unknown = cli("keys", "delete", "000000000000", "--data-dir", data)
+    assert unknown.returncode != 0
+    assert "no API key" in unknown.stderr
+
+    # Both changes are in the audit log, made by "cli".
+    with sqlite3.connect(tmp_path / "data" / "depot-node.sqlite3") as conn:
+        rows = conn.execute("SELECT action, target, actor, role FROM audit_log ORDER BY id").fetchall()
+    conn.close()
+    assert rows == [("key_created", key_id, "cli", None), ("key_deleted", key_id, "cli", None)]

@@ -335,7 +335,7 @@ def _answer_one_command(port: int, device_id: str, secret: str) -> str:
         sock.sendall(mqtt_raw.connect(device_id, device_id, secret))
         ptype, body = mqtt_raw.read_packet(sock)
         assert (ptype, body[1]) == (2, 0), "CONNACK refused"
-        sock.sendall(mqtt_raw.subscribe(f"iot/{device_id}/commands", qos=1, packet_id=1))
+        sock.sendall(mqtt_raw.subscribe([(f"iot/{device_id}/commands", 1)], packet_id=1))
         while True:
             ptype, body = mqtt_raw.read_packet(sock)
             if ptype == 3:  # PUBLISH (QoS 1: the granted QoS)

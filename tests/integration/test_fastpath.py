@@ -205,7 +205,7 @@ async def test_packet_limit_is_a_setting_and_payloads_below_it_are_quarantined(t
             broker_fast_path=True,
             max_payload_bytes=1024,
             max_batch_payload_bytes=4096,
-            mqtt_max_packet_bytes=8192,
+            max_packet_bytes=8192,
         )
         secret = await node.register("fp-big")
         connect = mqtt_raw.connect("fp-big", "fp-big", secret)

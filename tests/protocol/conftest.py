@@ -43,7 +43,9 @@ def node_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     if external is None:
-        with local_node(tmp_path_factory.mktemp("protocol-node")) as target:
+        # The checks after every step read the API with one admin key, far faster than the
+        # per-key HTTP rate limit allows (web.limits; tested in tests/web/test_rate_limits.py).
+        with local_node(tmp_path_factory.mktemp("protocol-node"), http_rate_limit_per_s=0) as target:
             yield target
         return
     with external.http() as client:

@@ -115,6 +115,7 @@ def local_node(data_dir: Path, **settings: Any) -> Iterator[NodeTarget]:
         future, addresses = portal.start_task(run, name="depot-node")
         try:
             http_host, http_port = addresses.http
+            assert addresses.mqtt is not None
             mqtt_host, mqtt_port = addresses.mqtt
             yield NodeTarget(f"http://{http_host}:{http_port}", mqtt_host, mqtt_port, key, local=True)
         finally:

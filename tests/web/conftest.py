@@ -59,18 +59,29 @@ def revoked() -> list[str]:
 
 
 @pytest.fixture
-def changed() -> list[str]:
-    """Device ids passed to ``on_device_changed``, in order."""
+def changed() -> list[tuple[str, str]]:
+    """``(device_id, reason)`` passed to ``on_credentials_changed``, in order."""
     return []
 
 
 @pytest.fixture
-def services(reader: Reader, store: SqliteStore, revoked: list[str], changed: list[str]) -> WebServices:
+def device_changes() -> list[str]:
+    """Device ids passed to ``on_device_changed`` (a registration changed), in order."""
+    return []
+
+
+@pytest.fixture
+def services(
+    reader: Reader, store: SqliteStore, revoked: list[str], changed: list[tuple[str, str]], device_changes: list[str]
+) -> WebServices:
     async def on_revoked(device_id: str) -> None:
         revoked.append(device_id)
 
+    async def on_credentials_changed(device_id: str, reason: str) -> None:
+        changed.append((device_id, reason))
+
     async def on_device_changed(device_id: str) -> None:
-        changed.append(device_id)
+        device_changes.append(device_id)
 
     return WebServices(
         reader=reader,
@@ -78,6 +89,7 @@ def services(reader: Reader, store: SqliteStore, revoked: list[str], changed: li
         stats=IngestStats(),
         readiness={},
         on_revoked=on_revoked,
+        on_credentials_changed=on_credentials_changed,
         on_device_changed=on_device_changed,
         max_page=MAX_PAGE,
     )

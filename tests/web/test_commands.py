@@ -244,3 +244,18 @@ async def test_command_metrics(
     assert samples["depot_node_command_resends_total"][()] == 0
     assert samples["depot_node_command_expirations_total"][()] == 0
     assert samples["depot_node_command_acks_ignored_total"][(("reason", "unknown"),)] == 0
+
+
+async def test_a_command_sent_is_in_the_audit_log_once(
+    client: Client, register: Register, operator: Headers, admin: Headers, deliverer: RecordingDeliverer
+) -> None:
+    await register("emu-1")
+    body = {**PING, "idempotency_key": "audit-1"}
+    first = await (await post(client, operator, body)).get_json()
+    assert (await post(client, operator, body)).status_code == 202  # an idempotent repeat
+    page = await (await client.get("/api/v1/audit", query_string={"action": "command_sent"}, headers=admin)).get_json()
+    ((entry,),) = [page["items"]]
+    assert entry["target"] == "emu-1"
+    assert entry["actor"] == parse_api_key(operator["Authorization"].removeprefix("Bearer "))
+    assert entry["role"] == "operator"
+    assert entry["details"] == {"command_id": first["command_id"], "name": "ping"}

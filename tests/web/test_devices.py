@@ -26,12 +26,13 @@ async def test_register_then_show(client: Client, admin: Headers, viewer: Header
     assert response.status_code == 201
     assert response.headers["Location"] == f"{DEVICES}/emu-4021-m1"
     created = await response.get_json()
-    assert set(created) == {"device_id", "type", "name", "created_at", "revoked", "supply", "secret"}
+    assert set(created) == {"device_id", "type", "name", "created_at", "revoked", "disabled", "supply", "secret"}
     assert created["supply"] is None  # registered without one: checked against any AC range
     assert created["device_id"] == "emu-4021-m1"
     assert created["type"] == "ac_meter"
     assert created["name"] == "EMU 4021 car 1"
     assert created["revoked"] is False
+    assert created["disabled"] is False
     assert created["created_at"].endswith("Z")
 
     # Only a hash is stored, and it is the hash of the secret that was shown.
@@ -246,7 +247,7 @@ async def test_a_supply_of_another_type_or_unknown_is_refused(
 
 
 async def test_set_the_supply_of_a_registered_device(
-    client: Client, admin: Headers, viewer: Headers, register: Register, changed: list[str]
+    client: Client, admin: Headers, viewer: Headers, register: Register, device_changes: list[str]
 ) -> None:
     await register("old-1")  # registered without a supply, like every device before migration 8
     response = await client.patch(f"{DEVICES}/old-1", json={"supply": "dc_750v"}, headers=admin)
@@ -254,7 +255,7 @@ async def test_set_the_supply_of_a_registered_device(
     body = await response.get_json()
     assert body["supply"] == "dc_750v"
     assert body["counters"]["received"] == 0
-    assert changed == ["old-1"]  # the running actor is told to reload it
+    assert device_changes == ["old-1"]  # the running actor is told to reload it
     shown = await (await client.get(f"{DEVICES}/old-1", headers=viewer)).get_json()
     assert shown["supply"] == "dc_750v"
     cleared = await client.patch(f"{DEVICES}/old-1", json={"supply": None}, headers=admin)
@@ -262,7 +263,7 @@ async def test_set_the_supply_of_a_registered_device(
 
 
 async def test_setting_the_supply_is_refused_when_wrong(
-    client: Client, admin: Headers, viewer: Headers, register: Register, changed: list[str]
+    client: Client, admin: Headers, viewer: Headers, register: Register, device_changes: list[str]
 ) -> None:
     await register("dc-1")
     problem = await assert_problem(
@@ -276,4 +277,4 @@ async def test_setting_the_supply_is_refused_when_wrong(
     )
     await assert_problem(await client.patch(f"{DEVICES}/nope-1", json={"supply": None}, headers=admin), 404)
     await assert_problem(await client.patch(f"{DEVICES}/dc-1", json={"supply": None}, headers=viewer), 403)
-    assert changed == []
+    assert device_changes == []

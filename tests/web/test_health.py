@@ -109,7 +109,7 @@ async def test_metric_names_follow_the_conventions(client: Client) -> None:
     assert all(name.startswith(metrics.PREFIX) for name in samples)
     # No per-device labels: only bounded label names.
     labels = {name for by_labels in samples.values() for key in by_labels for name, _ in key}
-    assert labels <= {"reason", "action", "rule", "state"}  # state: the five command states
+    assert labels <= {"reason", "action", "rule", "state", "limit"}  # state: the five command states
 
 
 async def test_metrics_stay_out_of_the_global_registry(client: Client) -> None:

@@ -15,7 +15,7 @@ from quart import Blueprint
 from quart_schema import tag_blueprint, validate_querystring, validate_response
 
 from actors.alerts import AlertState
-from web.auth import caller_key_id, requires
+from web.auth import caller, caller_key_id, requires
 from web.context import services
 from web.errors import ALERT_CLEARED, ApiError
 from web.models import Alert, AlertPage, AlertQuery
@@ -58,7 +58,9 @@ async def ack_alert(alert_id: str) -> Alert:
     Idempotent: acknowledging an acknowledged alert answers 200 with the first
     acknowledgement kept. A cleared alert cannot be acknowledged (409).
     """
-    record = await services().store.ack_alert(alert_id, caller_key_id()) if _ALERT_ID.fullmatch(alert_id) else None
+    record = None
+    if _ALERT_ID.fullmatch(alert_id):
+        record = await services().store.ack_alert(alert_id, caller_key_id(), by=caller())
     if record is None:
         raise ApiError(HTTPStatus.NOT_FOUND, f"no alert {alert_id[:40]!r}")
     if record.state == AlertState.CLEARED:

@@ -7,6 +7,7 @@ the caller. Lists and single commands are read through the read connection, with
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 from typing import Final
 
@@ -15,10 +16,11 @@ from quart import Blueprint
 from quart_schema import tag_blueprint, validate_querystring, validate_request, validate_response
 
 from actors.commands import CommandRequest, CommandsUnavailable
+from storage.audit import AuditAction, AuditEntry
 from storage.command_contract import is_command_id
 from storage.errors import CommandConflict, StorageError
 from storage.records import CommandRecord
-from web.auth import caller_key_id, requires
+from web.auth import caller, caller_key_id, requires
 from web.command_models import Command, CommandCreate, CommandPage, CommandQuery
 from web.context import services
 from web.errors import DEVICE_REVOKED, IDEMPOTENCY_CONFLICT, ApiError
@@ -32,11 +34,24 @@ tag_blueprint(bp, ["commands"])
 #: A client should not wait longer than this for the actor to take a command.
 SUBMIT_TIMEOUT_S: Final = 10.0
 
+log = logging.getLogger(__name__)
 
-def _audit_command_issued(key_id: str, record: CommandRecord) -> None:
-    """AUDIT HOOK: the one place where "command *record* sent to its device by API key
-    *key_id*" is to be recorded in the audit log. Called once per command created (not for an
-    idempotent repeat). Deliberately a no-op until the audit log exists."""
+
+async def _audit_command_issued(record: CommandRecord) -> None:
+    """Record "command *record* sent to its device by the calling API key" in the audit log
+    (ADR 0006). Called once per command created, not for an idempotent repeat. The command is
+    queued already: if the audit write fails, that is logged, and the command still goes."""
+    entry = AuditEntry(
+        AuditAction.COMMAND_SENT,
+        record.device_id,
+        caller(),
+        {"command_id": record.command_id, "name": record.name},
+        record.created_at,
+    )
+    try:
+        await services().store.record_audit(entry)
+    except StorageError:
+        log.exception("command %s: the audit log could not be written", record.command_id)
 
 
 @bp.post("/<device_id>/commands")
@@ -77,7 +92,7 @@ async def create_command(device_id: str, data: CommandCreate) -> tuple[Command, 
         # idempotency key finds it instead of creating a second one.
         raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the node cannot take commands right now") from exc
     if created:
-        _audit_command_issued(key_id, record)
+        await _audit_command_issued(record)
     stored = await svc.reader.command(device_id, record.command_id)
     body = Command.from_record(stored if stored is not None else record)
     return body, HTTPStatus.ACCEPTED, {"Location": f"{bp.url_prefix}/{device_id}/commands/{record.command_id}"}

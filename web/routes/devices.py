@@ -15,14 +15,15 @@ from quart import Blueprint, Response
 from quart_schema import tag_blueprint, validate_querystring, validate_request, validate_response
 
 from storage.contract import is_valid_device_id
-from storage.errors import DeviceExists
+from storage.errors import DeviceExists, DeviceLimitReached
 from storage.reader import DeviceRow
 from storage.records import DeviceStateRecord
 from storage.secrets import hash_device_secret, new_device_secret
 from storage.validation import SUPPLY_LIMITS
-from web.auth import requires
+from web.auth import caller, requires
 from web.context import services
 from web.errors import DEVICE_EXISTS, ApiError
+from web.limits import device_limit_problem
 from web.models import (
     Device,
     DeviceCreate,
@@ -63,16 +64,21 @@ async def create_device(data: DeviceCreate) -> tuple[DeviceCreated, int, dict[st
     """Register a device.
 
     The response holds the device's MQTT password (`secret`); it is shown this once and
-    cannot be recovered, only replaced by revoking the device and registering a new id.
+    cannot be recovered, only replaced (`POST /api/v1/devices/{device_id}/secret`).
     """
     secret = new_device_secret()
     # Argon2 costs ~20 ms of CPU: a worker thread, so the event loop keeps serving meters.
     secret_hash = await anyio.to_thread.run_sync(hash_device_secret, secret)
+    svc = services()
     try:
         supply = None if data.supply is None else data.supply.value
-        created = await services().store.insert_device(data.device_id, data.type, data.name, secret_hash, supply)
+        created = await svc.store.insert_device(
+            data.device_id, data.type, data.name, secret_hash, supply, by=caller(), max_devices=svc.max_devices
+        )
     except DeviceExists as exc:
         raise ApiError(HTTPStatus.CONFLICT, f"device {data.device_id!r} already exists", type_=DEVICE_EXISTS) from exc
+    except DeviceLimitReached as exc:
+        raise device_limit_problem(exc.limit) from exc
     body = DeviceCreated(
         device_id=data.device_id,
         type=data.type,
@@ -141,7 +147,7 @@ async def revoke_device(device_id: str) -> Response:
     The device and its data stay; its id cannot be registered again.
     """
     svc = services()
-    if not await svc.store.revoke_device(device_id):
+    if not await svc.store.revoke_device(device_id, by=caller()):
         await find_device(device_id)  # 404 unless it exists (and so was revoked already)
     # Also on a repeated DELETE: if closing the session failed the first time, a retry does it.
     await svc.on_revoked(device_id)

@@ -4,7 +4,9 @@
 ``/readyz`` reports :attr:`web.services.WebServices.readiness`, which the composition root sets
 as parts come up and go down; it is 503 until every part reported up (an empty report is not
 "all up"). Neither touches the database, so a probe cannot pile up behind a slow query.
-``/metrics`` carries no secrets or per-device data; it can be put behind auth later.
+``/metrics`` carries no secrets or per-device data; with the setting ``metrics_require_key`` it
+needs an API key (viewer or higher), for sites whose HTTP listener is reachable by more than
+their Prometheus.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from prometheus_client.exposition import choose_encoder
 from quart import Blueprint, Response, request
 from quart_schema import tag_blueprint, validate_response
 
+from web.auth import requires
 from web.context import metrics_registry, services
 from web.errors import NOT_READY, ApiError
-from web.models import Health, NotReady, Readiness
+from web.models import Health, MetricsText, NotReady, Readiness
 from web.openapi import documents
+from web.services import WebServices
 
 bp = Blueprint("operations", __name__)
 tag_blueprint(bp, ["operations"])
@@ -44,7 +48,13 @@ async def readyz() -> Readiness:
     return Readiness(components=components)
 
 
+def _metrics_protected(svc: WebServices) -> bool:
+    return svc.metrics_require_key
+
+
 @bp.get("/metrics")
+@requires("viewer", only_if=_metrics_protected)
+@documents(MetricsText, HTTPStatus.OK)
 async def metrics() -> Response:
     """Prometheus metrics (text exposition format; OpenMetrics when asked for)."""
     # Synchronous on purpose: the collector reads counters that the actors bump on this
