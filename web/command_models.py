@@ -9,13 +9,29 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer
 
 from storage.command_contract import COMMAND_NAME_PATTERN, MAX_ARGS_BYTES, CommandState
 from storage.records import CommandHistoryEntry, CommandRecord
 from web.models import PageQuery, Timestamp, epoch_to_ts
 
 CommandName = Annotated[str, Field(pattern=COMMAND_NAME_PATTERN, max_length=64, examples=["set_interval"])]
+
+
+def _whole_number(value: object) -> object:
+    """JSON Schema's ``integer``: any number without a fraction (``600`` or ``600.0``), but
+    not a string or a boolean (pydantic's lax int would take ``"600"``, its strict one refuses
+    ``600.0``, which the published schema allows)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a whole number")  # noqa: TRY004 - pydantic wants ValueError
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        return int(value)
+    return value
+
+
+WholeSeconds = Annotated[int, BeforeValidator(_whole_number)]
 
 
 class CommandCreate(BaseModel):
@@ -26,7 +42,7 @@ class CommandCreate(BaseModel):
 
     name: CommandName
     args: dict[str, Any] = Field(default_factory=dict, examples=[{"seconds": 10}])
-    ttl_s: StrictInt = Field(ge=1, examples=[600], description="seconds, at most the node's command_max_ttl_s")
+    ttl_s: WholeSeconds = Field(ge=1, examples=[600], description="seconds, at most the node's command_max_ttl_s")
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
 
     @field_validator("args")

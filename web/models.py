@@ -13,7 +13,16 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Final, Literal, Self
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    model_validator,
+)
 
 from actors.alerts import AlertRule, AlertState, Severity
 from storage.audit import AuditAction, AuditRecord, DetailValue
@@ -116,8 +125,25 @@ class MetricsText(BaseModel):
 # -- devices ------------------------------------------------------------------------------------
 
 
+def _supplies_of(device_type: str) -> list[JsonValue]:
+    return [s.value for s, limits in SUPPLY_LIMITS.items() if limits.device_type == device_type]
+
+
+#: The rule of ``DeviceCreate._supply_fits_type`` in the published schema too (JSON Schema
+#: if/then), so that a client, or schemathesis, can tell a valid registration from the schema.
+_SUPPLY_BY_TYPE: Final[dict[str, JsonValue]] = {
+    "allOf": [
+        {
+            "if": {"properties": {"type": {"const": device_type}}, "required": ["type"]},
+            "then": {"properties": {"supply": {"anyOf": [{"enum": _supplies_of(device_type)}, {"type": "null"}]}}},
+        }
+        for device_type in ("dc_meter", "ac_meter")
+    ]
+}
+
+
 class DeviceCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_SUPPLY_BY_TYPE)
 
     device_id: DeviceId
     type: DeviceType

@@ -267,7 +267,7 @@ async def test_setting_the_supply_is_refused_when_wrong(
 ) -> None:
     await register("dc-1")
     problem = await assert_problem(
-        await client.patch(f"{DEVICES}/dc-1", json={"supply": "ac_25kv_50hz"}, headers=admin), 422
+        await client.patch(f"{DEVICES}/dc-1", json={"supply": "ac_25kv_50hz"}, headers=admin), 409
     )
     assert "not a supply of a dc_meter" in problem["detail"]
     await assert_problem(await client.patch(f"{DEVICES}/dc-1", json={"supply": "dc_1200v"}, headers=admin), 422)

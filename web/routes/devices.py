@@ -117,7 +117,7 @@ async def get_device(device_id: str) -> DeviceDetail:
 @requires("admin")
 @validate_request(DeviceUpdate)
 @validate_response(DeviceDetail)
-@documents_problems(HTTPStatus.NOT_FOUND, HTTPStatus.UNPROCESSABLE_CONTENT)
+@documents_problems(HTTPStatus.NOT_FOUND, HTTPStatus.CONFLICT, HTTPStatus.UNPROCESSABLE_CONTENT)
 async def update_device(device_id: str, data: DeviceUpdate) -> DeviceDetail:
     """Set a device's supply system, e.g. for a device registered before it had one.
 
@@ -126,9 +126,8 @@ async def update_device(device_id: str, data: DeviceUpdate) -> DeviceDetail:
     """
     row, _ = await find_device(device_id)
     if data.supply is not None and SUPPLY_LIMITS[data.supply].device_type != row.type:
-        raise ApiError(
-            HTTPStatus.UNPROCESSABLE_CONTENT, f"supply {data.supply.value!r} is not a supply of a {row.type}"
-        )
+        # The request is well-formed; it conflicts with the registered device's type.
+        raise ApiError(HTTPStatus.CONFLICT, f"supply {data.supply.value!r} is not a supply of a {row.type}")
     svc = services()
     await svc.store.set_device_supply(device_id, None if data.supply is None else data.supply.value)
     await svc.on_device_changed(device_id)
