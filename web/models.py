@@ -414,9 +414,7 @@ class ForwarderStatus(BaseModel):
             position=s.position,
             rows_behind=s.rows_behind if running else None,
             backlog_bytes=s.backlog_bytes if running else None,
-            oldest_unforwarded_age_s=None
-            if s.oldest_unforwarded_at is None
-            else max(0.0, now - s.oldest_unforwarded_at),
+            oldest_unforwarded_age_s=None if oldest is None else max(0.0, now - oldest),
             batches_forwarded=s.batches,
             rows_forwarded=s.rows,
             failures=s.failures,
