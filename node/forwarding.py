@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Final
 
 import anyio
+import stamina
 
 from actors.alerts import AlertSink
 from actors.forwarder import Forwarder, ForwarderConfig
@@ -143,6 +144,10 @@ def build_forwarding(
 ) -> Forwarding:
     """Build what is enabled (nothing runs yet); raises :class:`ConfigError` like :func:`check_forwarding`."""
     check_forwarding(settings)
+    # The forwarders log and count each retry themselves (actors.forwarder); stamina's own hooks
+    # would log it twice and count it in prometheus_client's global registry, which the node
+    # never exposes.
+    stamina.instrumentation.set_on_retry_hooks([])
     for name in FORWARDERS:
         stats.forwarders.setdefault(name, ForwarderStats())
     fw = Forwarding(db=db)

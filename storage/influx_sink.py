@@ -113,7 +113,7 @@ class InfluxSink:
                 retry_after=retry_after_seconds(headers.get("Retry-After")),
             ) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise SinkError(SINK, f"{type(exc).__name__}: {exc}") from None
+            raise SinkError(SINK, f"{type(exc).__name__}: {exc or 'no answer in time'}") from None
 
 
 def _influx_message(body: object) -> str:
