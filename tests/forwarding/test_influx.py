@@ -148,8 +148,8 @@ def config(**overrides: object) -> ForwarderConfig:
     return ForwarderConfig(**(base | overrides))  # type: ignore[arg-type]
 
 
-async def wait_for(predicate: object, timeout: float = 60.0) -> None:
-    with anyio.fail_after(timeout):
+async def wait_for(predicate: object, within: float = 60.0) -> None:
+    with anyio.fail_after(within):
         while not predicate():  # type: ignore[operator]
             await anyio.sleep(0.02)
 
@@ -182,7 +182,7 @@ async def test_outage_under_load_loses_nothing(store: SqliteStore, db_path: Path
             tg.cancel_scope.cancel()
         confirmed = len(influx.points)
         missing = sent - confirmed
-        print(f"rows sent={sent} confirmed by the sink={confirmed} missing={missing} failures={stats.failures}")
+        print(f"rows sent={sent} confirmed by the sink={confirmed} missing={missing} failures={stats.failures}")  # noqa: T201 - the issue asks for this line
         assert missing == 0
         assert stats.failures >= 6
         assert await outbox.position("influxdb") == sent
