@@ -41,7 +41,9 @@ async def prune(db: Path, policy: RetentionPolicy, *, days: float = 1.0, now: fl
     store = RetentionStore(db)
     deleted: dict[str, int] = {}
     try:
-        actor = RetentionActor(store, policy, RetentionConfig(days=days, batch_rows=7, pause=0), deleted, clock=lambda: now)
+        actor = RetentionActor(
+            store, policy, RetentionConfig(days=days, batch_rows=7, pause=0), deleted, clock=lambda: now
+        )
         await actor.prune()
     finally:
         store.close()
@@ -147,6 +149,7 @@ async def test_ingest_goes_on_while_a_large_table_is_pruned(store: SqliteStore, 
     assert deleted["telemetry"] == rows  # all forwarded; the newest row is one of emu-2's
     # Ingest committed all along: many commits during the pruning, none held up for long.
     latencies.sort()
-    print(f"commits during pruning={len(latencies)} p50={latencies[len(latencies) // 2] * 1000:.1f} ms max={latencies[-1] * 1000:.1f} ms")  # noqa: T201
+    p50, worst = latencies[len(latencies) // 2] * 1000, latencies[-1] * 1000
+    print(f"commits during pruning={len(latencies)} p50={p50:.1f} ms max={worst:.1f} ms")  # noqa: T201
     assert len(latencies) >= 20
     assert latencies[-1] < 2.0

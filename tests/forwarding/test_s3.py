@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,11 @@ T0 = 1_795_449_900.0
 
 
 @pytest.fixture
-async def bucket(moto_endpoint: str) -> AsyncIterator[str]:
+async def bucket(moto_endpoint: str) -> str:
     name = f"archive-{uuid.uuid4().hex[:12]}"
     async with client(moto_endpoint) as s3:
         await s3.create_bucket(Bucket=name)
-    yield name
+    return name
 
 
 def client(endpoint: str) -> Any:
@@ -193,9 +192,7 @@ _batches = st.lists(
     max_size=40,
 ).flatmap(
     lambda items: st.integers(1, 10**9).map(
-        lambda start: [
-            RawOut(start + i, d, f"iot/{d}/telemetry", T0 + t, p, ()) for i, (d, t, p) in enumerate(items)
-        ]
+        lambda start: [RawOut(start + i, d, f"iot/{d}/telemetry", T0 + t, p, ()) for i, (d, t, p) in enumerate(items)]
     )
 )
 
@@ -210,7 +207,8 @@ def test_objects_hold_every_line_once(anyio_backend: str, rows: list[RawOut]) ->
         group = [json.loads(line) for line in gzip.decompress(body).splitlines()]
         device = group[0]["device_id"]
         assert all(line["device_id"] == device for line in group)
-        assert key.startswith(f"p/{device}/") and key.endswith(f"-{rows[0].id:012d}.jsonl.gz")
+        assert key.startswith(f"p/{device}/")
+        assert key.endswith(f"-{rows[0].id:012d}.jsonl.gz")
     assert build_objects(rows, "p/", WINDOW) == objects  # same rows, same keys, same bytes
 
 
