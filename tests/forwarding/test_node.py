@@ -230,7 +230,7 @@ async def test_token_file_and_secrets_stay_out_of_reprs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="influxdb_token_file: cannot read"):
         await run_node(Settings(data_dir=tmp_path, influxdb_token_file=token_file, **base), shutdown=anyio.Event())
     token_file.write_text("\n")
-    with pytest.raises(ConfigError, match="influxdb_token_file: .* is empty"):
+    with pytest.raises(ConfigError, match=r"influxdb_token_file: .* is empty"):
         await run_node(Settings(data_dir=tmp_path, influxdb_token_file=token_file, **base), shutdown=anyio.Event())
     settings = Settings(influxdb_token=SecretStr(TOKEN), s3_secret_access_key=SecretStr(S3_SECRET))
     assert TOKEN not in repr(settings)
