@@ -119,7 +119,8 @@ class Settings(BaseSettings):
     s3_window_s: float = Field(default=3600.0, ge=1, le=86_400)
     #: …written this long after the window closed (commits of its last messages).
     s3_grace_s: float = Field(default=60.0, ge=0)
-    s3_batch_rows: int = Field(default=2000, ge=1, le=100_000)
+    #: Raw messages per batch; a batch also stops at 32 MiB of payloads.
+    s3_batch_rows: int = Field(default=10_000, ge=1, le=100_000)
     s3_timeout_s: float = Field(default=30.0, gt=0)
     #: Rows per second each forwarder sends at most (0: unlimited), to spare a thin WAN.
     forward_rate_limit_rows_s: float = Field(default=0.0, ge=0)

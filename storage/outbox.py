@@ -137,17 +137,26 @@ class Outbox:
 
         return await self._reading(run)
 
-    async def raw_after(self, after: int, limit: int, received_before: float) -> list[RawOut]:
+    async def raw_after(
+        self, after: int, limit: int, received_before: float, *, max_bytes: int = 1 << 62
+    ) -> list[RawOut]:
         """Up to *limit* raw messages with rowid above *after*, oldest first, that were received
         before *received_before*: the batch ends at the first row received later, so it is always
-        a prefix of what follows the cursor (a cursor cannot skip a row)."""
+        a prefix of what follows the cursor (a cursor cannot skip a row). It also ends before the
+        row that would take its payloads past *max_bytes* (one row at least), which depends only
+        on the rows themselves: a batch read again from the same cursor is never shorter."""
 
         def run(c: sqlite3.Connection) -> list[RawOut]:
             rows = c.execute(
                 "SELECT id, device_id, topic, received_at, payload FROM raw_messages WHERE id > ? ORDER BY id LIMIT ?",
                 (after, limit),
             ).fetchall()
-            cut = next((i for i, r in enumerate(rows) if r[3] >= received_before), len(rows))
+            cut, size = 0, 0
+            for r in rows:
+                size += len(r[4])
+                if r[3] >= received_before or (cut and size > max_bytes):
+                    break
+                cut += 1
             rows = rows[:cut]
             if not rows:
                 return []
@@ -251,12 +260,23 @@ class RawSource(CursorSource):
     A batch holds only messages received in time windows that have closed (``window`` seconds,
     aligned to the epoch, plus ``grace`` seconds for the commits of their last messages), so an
     archive object is written once its window can get no more lines. *clock* is wall time.
+    A batch holds at most *max_bytes* of payloads (32 MiB: a batch is held in memory whole).
     """
 
-    def __init__(self, outbox: Outbox, name: str, *, window: float, grace: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        name: str,
+        *,
+        window: float,
+        grace: float,
+        clock: Callable[[], float],
+        max_bytes: int = 32 << 20,
+    ) -> None:
         super().__init__(outbox, name, "raw_messages")
         self.window = window
         self.grace = grace
+        self.max_bytes = max_bytes
         self._clock = clock
 
     def closed_before(self) -> float:
@@ -264,4 +284,4 @@ class RawSource(CursorSource):
         return (self._clock() - self.grace) // self.window * self.window
 
     async def next_batch(self, after: int, limit: int) -> list[RawOut]:
-        return await self._outbox.raw_after(after, limit, self.closed_before())
+        return await self._outbox.raw_after(after, limit, self.closed_before(), max_bytes=self.max_bytes)

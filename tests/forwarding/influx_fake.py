@@ -54,21 +54,8 @@ def _unescape(text: str) -> str:
 
 
 def _split_unescaped(text: str, sep: str) -> list[str]:
-    parts, current, i = [], "", 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            current += text[i : i + 2]
-            i += 2
-            continue
-        if ch == sep:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-        i += 1
-    parts.append(current)
-    return parts
+    # The node escapes no backslash (device ids cannot hold one), so "\\," is always an escape.
+    return re.split(rf"(?<!\\){re.escape(sep)}", text)
 
 
 def parse_line(line: str) -> tuple[PointKey, dict[str, FieldValue]]:
@@ -231,9 +218,9 @@ class FakeInflux:
             self._violation(request, f"precision {query.get('precision')!r}, expected 'ms'")
             return
         if request.headers.get("Authorization") != f"Token {self.token}":
-            self._reply(request, 401, b'{"code":"unauthorized","message":"unauthorized access"}')
             with self._lock:
                 self.violations.append("authorization header")
+            self._reply(request, 401, b'{"code":"unauthorized","message":"unauthorized access"}')
             return
         if request.headers.get("Content-Encoding") == "gzip":
             try:
@@ -256,3 +243,17 @@ class FakeInflux:
         request.send_response(204)
         request.send_header("Content-Length", "0")
         request.end_headers()
+
+
+def main() -> None:
+    """``python -m tests.forwarding.influx_fake PORT``: serve until killed (``bench/forward.py``
+    runs it in a process of its own, so its parsing does not share the node's interpreter)."""
+    import sys
+
+    fake = FakeInflux(port=int(sys.argv[1]))
+    fake.start()
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
