@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 #: A ``Retry-After`` longer than this is taken as this: a sink must not park the forwarder for hours.
 MAX_RETRY_AFTER_S = 300.0
+#: At most one cursor mark (when a position was reached, for retention) per this many seconds:
+#: a mark per batch would be ~86,000 rows a day. A row forwarded between two marks counts as
+#: forwarded at the next one, so it is kept up to this much longer, never shorter.
+MARK_EVERY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,7 @@ class Forwarder[T: Forwardable]:
         self._position = 0
         #: Whether the backlog alerts are raised (so a clear is signalled once, on the way down).
         self._over_warning = False
+        self._last_mark = -math.inf
         stats.enabled = True
 
     @property
@@ -105,7 +110,11 @@ class Forwarder[T: Forwardable]:
                 continue
             started = anyio.current_time()
             await self._send(rows)
-            self._position = max(self._position, await self._source.confirm(rows[-1].id, self._clock()))
+            now = self._clock()
+            mark = now if now - self._last_mark >= MARK_EVERY_S else None
+            self._position = max(self._position, await self._source.confirm(rows[-1].id, mark))
+            if mark is not None:
+                self._last_mark = mark
             s = self._stats
             s.position = self._position
             s.batches += 1

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 import aiohttp
+import anyio
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.rest import ApiException
 
@@ -30,6 +31,7 @@ from storage.records import TelemetryOut
 SINK: Final = "influxdb"
 #: Timestamps are sent in milliseconds, the resolution the node stores.
 PRECISION: Final[Any] = "ms"
+CLOSE_TIMEOUT_S: Final = 5.0
 
 
 # Line protocol escaping: measurements escape commas and spaces; tag keys, tag values and field
@@ -92,9 +94,11 @@ class InfluxSink:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        client, self._client = self._client, None
+        if client is not None:
+            # Shielded (bounded): a cancelled forwarder must still close its HTTP session.
+            with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                await client.close()
 
     async def send(self, rows: Sequence[TelemetryOut]) -> None:
         if self._client is None:

@@ -58,8 +58,9 @@ class ForwardSource[T: Forwardable](Protocol):
         """Up to *limit* rows after rowid *after*, oldest first, always a prefix of what follows."""
         ...
 
-    async def confirm(self, position: int, at: float) -> int:
-        """Persist the cursor at *position* (never backwards), marked at wall time *at*; returns it."""
+    async def confirm(self, position: int, at: float | None) -> int:
+        """Persist the cursor at *position* (never backwards), with a mark at wall time *at*
+        unless that is None; returns the cursor."""
         ...
 
     async def backlog(self, after: int) -> Backlog:

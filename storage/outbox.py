@@ -234,7 +234,7 @@ class CursorSource:
     async def position(self) -> int:
         return await self._outbox.position(self.name)
 
-    async def confirm(self, position: int, at: float) -> int:
+    async def confirm(self, position: int, at: float | None) -> int:
         return await self._outbox.save_position(self.name, self.source, position, mark_at=at)
 
     async def backlog(self, after: int) -> Backlog:

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 SINK: Final = "s3"
 #: Objects of one batch uploaded at once: enough to hide round trips, few enough for a thin WAN.
 UPLOAD_CONCURRENCY: Final = 8
+CLOSE_TIMEOUT_S: Final = 5.0
 
 
 def window_start(received_at: float, window: float) -> float:
@@ -144,7 +145,9 @@ class S3Sink:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._client = None
-        await self._stack.aclose()
+        # Shielded (bounded): a cancelled forwarder must still close its HTTP session.
+        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await self._stack.aclose()
 
     async def send(self, rows: Sequence[RawOut]) -> None:
         objects = build_objects(rows, self._prefix, self._window)
