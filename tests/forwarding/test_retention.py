@@ -10,11 +10,14 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors.retention import DAY_S, RetentionActor, RetentionConfig
 from storage.outbox import Outbox
 from storage.records import RetentionPolicy
-from storage.retention import RetentionStore
+from storage.retention import RetentionStore, retention_bound
+from storage.schema import migrate
 from storage.sqlite import SqliteStore
 
 from .conftest import commit_readings
@@ -153,3 +156,47 @@ async def test_ingest_goes_on_while_a_large_table_is_pruned(store: SqliteStore, 
     print(f"commits during pruning={len(latencies)} p50={p50:.1f} ms max={worst:.1f} ms")  # noqa: T201
     assert len(latencies) >= 20
     assert latencies[-1] < 2.0
+
+
+# Strategies: up to 50 rows; marks of the InfluxDB forwarder at positions up to the table's end
+# and times either side of the cutoff; an energy cursor that may be absent, on, off or required;
+# a stray cursor of another source (which must never matter to telemetry).
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(0, 50),
+    marks=st.lists(st.tuples(st.integers(0, 50), st.sampled_from([-3.0, -1.5, -0.5, 0.5])), max_size=5),
+    energy=st.one_of(st.none(), st.integers(0, 50)),
+    energy_state=st.sampled_from(["on", "off", "required"]),
+    s3_position=st.integers(0, 50),
+)
+def test_the_bound_is_the_lowest_guard(
+    rows: int, marks: list[tuple[int, float]], energy: int | None, energy_state: str, s3_position: int
+) -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        migrate(conn)
+        conn.executemany(
+            "INSERT INTO telemetry (id, device_id, boot, seq, ts_ms, m, raw_id) VALUES (?, 'd', 1, ?, 0, '{}', ?)",
+            [(i, i, i) for i in range(1, rows + 1)],
+        )
+        for position, days in marks:
+            conn.execute("INSERT OR IGNORE INTO cursor_marks VALUES ('influxdb', ?, ?)", (position, NOW + days * DAY_S))
+        if energy is not None:
+            conn.execute("INSERT INTO cursors VALUES ('energy', 'telemetry', ?, 'x')", (energy,))
+        conn.execute("INSERT INTO cursors VALUES ('s3', 'raw_messages', ?, 'x')", (s3_position,))
+        policy = RetentionPolicy(
+            forwarders={"telemetry": frozenset({"influxdb"})},
+            disabled=frozenset({"energy"}) if energy_state == "off" else frozenset(),
+            required={"telemetry": frozenset({"energy"})} if energy_state == "required" else {},
+        )
+        bound = retention_bound(conn, policy, "telemetry", NOW - DAY_S)
+    finally:
+        conn.close()
+    first_marks: dict[int, float] = {}
+    for position, days in marks:
+        first_marks.setdefault(position, days)  # a position counts from when it was first reached
+    forwarded = max((p for p, days in first_marks.items() if days <= -1.0), default=0)
+    guards = [rows - 1, forwarded]
+    if energy_state != "off":
+        guards.append(energy if energy is not None else (0 if energy_state == "required" else rows))
+    assert bound == max(0, min(guards))
