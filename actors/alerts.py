@@ -26,6 +26,10 @@ The rules (:class:`AlertRule`, a closed set so that it can label metrics) and th
 ``acl_denial``
     raised when the device publishes or subscribes where its ACL forbids; ``count`` is
     denials. Cleared after ``acl_clear_after`` seconds without one (0: never).
+``forwarder_backlog`` / ``forwarder_dropped`` (``device_id`` is the forwarder's name)
+    raised by a forwarder whose unforwarded backlog passed the warning fraction of its disk
+    budget / whose drop policy skipped rows (``count``: rows dropped); both cleared by the
+    forwarder when the backlog is back under the warning fraction (``actors.forwarder``).
 ``quarantine_burst``
     raised when ``quarantine_burst`` messages of the device were quarantined within
     ``quarantine_window`` seconds; ``count`` is the messages quarantined in the burst.
@@ -78,6 +82,11 @@ class AlertRule(enum.StrEnum):
     #: The device's actor crashed past its restart limit; its messages are refused until the
     #: node restarts (which clears this alert).
     DEVICE_PARKED = "device_parked"
+    #: A forwarder's unforwarded backlog passed the warning fraction of its disk budget. The
+    #: alert's ``device_id`` is the forwarder's name (``influxdb``, ``s3``).
+    FORWARDER_BACKLOG = "forwarder_backlog"
+    #: The disk budget's drop policy skipped unforwarded rows; ``count`` is rows dropped.
+    FORWARDER_DROPPED = "forwarder_dropped"
 
 
 class AlertState(enum.StrEnum):
@@ -100,6 +109,8 @@ SEVERITY: Final[dict[AlertRule, Severity]] = {
     AlertRule.ACL_DENIAL: Severity.CRITICAL,
     AlertRule.QUARANTINE_BURST: Severity.WARNING,
     AlertRule.DEVICE_PARKED: Severity.CRITICAL,
+    AlertRule.FORWARDER_BACKLOG: Severity.WARNING,
+    AlertRule.FORWARDER_DROPPED: Severity.CRITICAL,
 }
 
 #: Disconnect reasons that mean the link died. ``clean`` (the device said goodbye), ``revoked``,
@@ -267,6 +278,11 @@ class AlertActor:
                 self._quarantined(key, s, now)
             case AlertRule.DEVICE_PARKED:
                 self._occurred(key, s.detail, s.at, 1)
+            case AlertRule.FORWARDER_BACKLOG | AlertRule.FORWARDER_DROPPED:
+                if s.raised:
+                    self._occurred(key, s.detail, s.at, s.count)
+                else:
+                    self._clear(key, s.at)
 
     def _quarantined(self, key: _Key, s: AlertSignal, now: float) -> None:
         cfg = self._config

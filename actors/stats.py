@@ -23,6 +23,33 @@ class AlertStats:
 
 
 @dataclass(slots=True)
+class ForwarderStats:
+    """What one forwarder (:class:`actors.forwarder.Forwarder`) reports; read by ``/metrics`` and
+    ``GET /api/v1/forwarders``. Times are wall-clock epoch seconds."""
+
+    enabled: bool = False
+    #: The last rowid the sink confirmed (None until the forwarder has started).
+    position: int | None = None
+    rows_behind: int = 0
+    #: Estimated size of the unforwarded rows (see :class:`storage.outbox.Backlog`).
+    backlog_bytes: int = 0
+    #: Receipt time of the oldest unforwarded row; None when nothing is behind.
+    oldest_unforwarded_at: float | None = None
+    #: When the backlog was last measured.
+    checked_at: float | None = None
+    batches: int = 0
+    rows: int = 0
+    #: Attempts the sink failed (each retry that failed counts).
+    failures: int = 0
+    #: Rows skipped unforwarded by the disk budget's drop policy.
+    rows_dropped: int = 0
+    last_success_at: float | None = None
+    #: The sink's last error, without secrets; cleared by the next success.
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+@dataclass(slots=True)
 class IngestStats:
     publishes: int = 0
     readings_stored: int = 0
@@ -42,6 +69,10 @@ class IngestStats:
     acl_denied: dict[str, int] = field(default_factory=dict)
     connections: int = 0
     alerts: AlertStats = field(default_factory=AlertStats)
+    #: Forwarder name ("influxdb", "s3") → its stats; every known forwarder, enabled or not.
+    forwarders: dict[str, ForwarderStats] = field(default_factory=dict)
+    #: Rows deleted by retention, per table (``raw_payloads``: payloads emptied).
+    retention_deleted: dict[str, int] = field(default_factory=dict)
 
     def count_quarantine(self, reason: str) -> None:
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1

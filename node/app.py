@@ -36,6 +36,7 @@ from node.broker import NodeBroker, NodeProtocolHandler, broker_config
 from node.config import Settings, parse_bind
 from node.fastpath import FastProtocolHandler
 from node.faults import FaultHooks, FaultyStore
+from node.forwarding import build_forwarding, check_forwarding, run_forwarding
 from storage.errors import StartupError
 from storage.interfaces import IngestStore
 from storage.reader import Reader
@@ -93,6 +94,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     *faults* is for tests only (see :mod:`node.faults`).
     """
     faults = faults or FaultHooks()
+    check_forwarding(settings)
     stats = IngestStats()
     db = database_path(settings.data_dir)
     store = SqliteStore(db, synchronous=settings.sqlite_synchronous)
@@ -104,6 +106,8 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     alerts_done = anyio.Event()
     alert_sink = alerts.signal if alerts is not None else None
     router = _router(settings, ingest_store, writer, stats, faults, alerts=alert_sink)
+    # Forwarders and retention (node/forwarding.py): off unless configured; never in ingest's way.
+    forwarding = build_forwarding(settings, db, stats, alert_sink)
     gate = DeviceGate(reader, stats, concurrency=settings.auth_concurrency)
     bridge = Bridge(gate, router, stats, disconnect_on_denial=settings.disconnect_on_acl_denial, alerts=alert_sink)
 
@@ -128,6 +132,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             tg.start_soon(run_alerts, alerts, alerts_done, name="alerts")
             await tg.start(router.run, name="router")
             readiness["storage"] = await reader.ping()
+            tg.start_soon(run_forwarding, forwarding, name="forwarding")
             stale = await store.mark_all_offline("node_restart")
             if stale:
                 log.info("%d devices were online when the node last stopped; marked offline", stale)

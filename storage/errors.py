@@ -8,8 +8,9 @@
     ├── DeviceError          a device-level problem: unknown, revoked, bad identity
     │   ├── DeviceNotFound
     │   └── DeviceExists
-    └── StorageError         SQLite failed; the batch was not committed
-        └── MigrationError   the schema could not be brought to the current version
+    ├── StorageError         SQLite failed; the batch was not committed
+    │   └── MigrationError   the schema could not be brought to the current version
+    └── SinkError            a forwarder's sink (InfluxDB, S3) did not confirm a batch
 
 It lives in ``storage`` because that is the bottom layer: every package may import it.
 """
@@ -53,3 +54,15 @@ class StorageError(NodeError):
 
 class MigrationError(StorageError):
     pass
+
+
+class SinkError(NodeError):
+    """A sink did not confirm a batch; the forwarder retries it. The message never holds a secret.
+
+    ``retry_after``: seconds the sink asked to wait (HTTP ``Retry-After``), when it said so.
+    """
+
+    def __init__(self, sink: str, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(f"{sink}: {message}")
+        self.sink = sink
+        self.retry_after = retry_after

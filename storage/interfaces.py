@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from storage.records import AlertRecord, AlertWrite, DeviceBatch, DeviceStateRecord
+from storage.records import (
+    AlertRecord,
+    AlertWrite,
+    Backlog,
+    DeviceBatch,
+    DeviceStateRecord,
+    PruneResult,
+    RetentionPolicy,
+)
 
 
 class IngestStore(Protocol):
@@ -29,4 +37,52 @@ class AlertStore(Protocol):
 
     async def write_alerts(self, writes: Sequence[AlertWrite]) -> None:
         """Apply *writes* in order, in one transaction; raise :class:`storage.errors.StorageError` on failure."""
+        ...
+
+
+class Forwardable(Protocol):
+    """A row a forwarder sends: it carries its rowid in the source table."""
+
+    @property
+    def id(self) -> int: ...
+
+
+class ForwardSource[T: Forwardable](Protocol):
+    """A consumer's cursor over one source table (:class:`storage.outbox.CursorSource`)."""
+
+    async def position(self) -> int:
+        """The last rowid confirmed (0 when none)."""
+        ...
+
+    async def next_batch(self, after: int, limit: int) -> list[T]:
+        """Up to *limit* rows after rowid *after*, oldest first, always a prefix of what follows."""
+        ...
+
+    async def confirm(self, position: int, at: float | None) -> int:
+        """Persist the cursor at *position* (never backwards), with a mark at wall time *at*
+        unless that is None; returns the cursor."""
+        ...
+
+    async def backlog(self, after: int) -> Backlog:
+        """Rows, estimated bytes and oldest receipt time of what lies after *after*."""
+        ...
+
+    async def drop_oldest(self, after: int, rows: int) -> int:
+        """Skip the oldest *rows* rows after *after* for good; returns the new position."""
+        ...
+
+
+class ForwardSink[T](Protocol):
+    """Where a forwarder delivers: InfluxDB (:mod:`storage.influx_sink`), S3 (:mod:`storage.s3_sink`)."""
+
+    async def send(self, rows: Sequence[T]) -> None:
+        """Deliver *rows*; return only once the sink confirmed all of them. Sending the same rows
+        again must leave the sink as one send did (replays after a restart). Raise
+        :class:`storage.errors.SinkError` for anything worth retrying."""
+        ...
+
+
+class RetentionStore(Protocol):
+    async def prune_step(self, policy: RetentionPolicy, forwarded_before: float, limit: int) -> PruneResult:
+        """Delete at most *limit* rows of one table that retention allows (:mod:`storage.retention`)."""
         ...

@@ -6,6 +6,7 @@ its mailbox; the storage writer commits many of them in one transaction (group c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from storage.contract import QuarantineReason
@@ -113,3 +114,72 @@ class AlertWrite:
     raised_at: float
     last_seen_at: float
     cleared_at: float | None = None
+
+
+# -- forwarding ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryOut:
+    """A stored reading as the InfluxDB forwarder sends it."""
+
+    id: int
+    device_id: str
+    #: ``dc_meter`` / ``ac_meter`` (from the device's registration).
+    device_type: str
+    boot: int
+    seq: int
+    ts_ms: int
+    m: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class RawOut:
+    """An archived PUBLISH as the S3 forwarder sends it."""
+
+    id: int
+    device_id: str
+    topic: str
+    #: Node time of receipt, epoch seconds (device time may be anything; receipt time is not).
+    received_at: float
+    payload: bytes
+    #: ``(reason, detail)`` of each reading or message of it that was quarantined; empty when
+    #: everything in it was accepted.
+    quarantine: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What a consumer has not consumed yet."""
+
+    #: Rows after the cursor (exact: rowids above a cursor are never deleted or skipped).
+    rows: int
+    #: Estimated bytes those rows take: ``rows`` times the mean size of the newest rows.
+    bytes: int
+    #: Receipt time (epoch seconds) of the oldest row after the cursor; None when there is none.
+    oldest_at: float | None
+    #: The newest rowid of the source (0 when it is empty).
+    newest_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """Which consumers guard each source; built by the node from its settings."""
+
+    #: Enabled forwarders per source: their marks decide when a row was forwarded.
+    forwarders: Mapping[str, frozenset[str]]
+    #: Known consumers that are switched off: their cursors do not guard.
+    disabled: frozenset[str] = frozenset()
+    #: Enabled non-forwarding consumers per source that guard even before they have a cursor.
+    required: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PruneResult:
+    """Rows changed by one step: table name → rows (``raw_payloads``: payloads emptied)."""
+
+    changed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.changed.values())

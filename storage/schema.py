@@ -110,6 +110,25 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX alerts_by_state ON alerts (state, id);
     CREATE INDEX alerts_by_device ON alerts (device_id, id);
     """,
+    # 5 (4 is another branch's; the lead orders them when merging): forwarder cursors and marks.
+    # `cursors` is shared with the energy aggregator, whose migration creates the same table with
+    # IF NOT EXISTS, so either may come first. `position` is the last rowid of `source` consumed.
+    # `cursor_marks` keeps when a forwarder's position was reached: retention counts its days
+    # from there (storage/retention.py). `quarantine_by_raw` lets the S3 archive find the
+    # quarantine reasons of the raw messages it sends.
+    """
+    CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, source TEXT NOT NULL,
+        position INTEGER NOT NULL DEFAULT 0, updated_at TEXT NOT NULL);
+
+    CREATE TABLE IF NOT EXISTS cursor_marks (
+        name     TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        at       REAL NOT NULL,
+        PRIMARY KEY (name, position)
+    ) STRICT;
+
+    CREATE INDEX IF NOT EXISTS quarantine_by_raw ON quarantine (raw_id);
+    """,
 )
 
 

@@ -12,6 +12,7 @@ quarantine reasons of the contract, auth refusal reasons, ACL actions, alert rul
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -45,6 +46,14 @@ MQTT_CONNECTIONS: Final = PREFIX + "mqtt_connections"
 ALERTS_OPEN: Final = PREFIX + "alerts_open"
 ALERTS_RAISED: Final = PREFIX + "alerts_raised"
 ALERT_SIGNALS_DROPPED: Final = PREFIX + "alert_signals_dropped"
+FORWARD_ROWS_BEHIND: Final = PREFIX + "forward_rows_behind"
+FORWARD_BACKLOG_BYTES: Final = PREFIX + "forward_backlog_bytes"
+FORWARD_OLDEST_AGE: Final = PREFIX + "forward_oldest_unforwarded_age_seconds"
+FORWARD_BATCHES: Final = PREFIX + "forward_batches"
+FORWARD_ROWS: Final = PREFIX + "forward_rows"
+FORWARD_FAILURES: Final = PREFIX + "forward_failures"
+FORWARD_ROWS_DROPPED: Final = PREFIX + "forward_rows_dropped"
+RETENTION_DELETED: Final = PREFIX + "retention_deleted_rows"
 
 
 class IngestCollector(Collector):
@@ -102,6 +111,53 @@ class IngestCollector(Collector):
             "Alert signals lost because the alert actor's mailbox was full.",
             s.alerts.signals_dropped,
         )
+        yield from _forwarder_metrics(s)
+
+
+def _forwarder_metrics(s: IngestStats) -> Iterable[Metric]:
+    # Label `forwarder`: the node's fixed set of forwarders (influxdb, s3), enabled or not.
+    now = time.time()
+    fw = s.forwarders
+    yield _labelled_gauge(
+        FORWARD_ROWS_BEHIND,
+        "Rows not forwarded yet (measured by the forwarder's monitor).",
+        "forwarder",
+        {n: f.rows_behind for n, f in fw.items()},
+    )
+    yield _labelled_gauge(
+        FORWARD_BACKLOG_BYTES,
+        "Estimated bytes of the rows not forwarded yet (the disk budget's measure).",
+        "forwarder",
+        {n: f.backlog_bytes for n, f in fw.items()},
+    )
+    yield _labelled_gauge(
+        FORWARD_OLDEST_AGE,
+        "Age of the oldest row not forwarded yet (0 when none is behind).",
+        "forwarder",
+        {n: 0.0 if f.oldest_unforwarded_at is None else max(0.0, now - f.oldest_unforwarded_at) for n, f in fw.items()},
+    )
+    yield _labelled_counter(
+        FORWARD_BATCHES, "Batches the sink confirmed.", "forwarder", {n: f.batches for n, f in fw.items()}
+    )
+    yield _labelled_counter(FORWARD_ROWS, "Rows the sink confirmed.", "forwarder", {n: f.rows for n, f in fw.items()})
+    yield _labelled_counter(
+        FORWARD_FAILURES,
+        "Attempts the sink did not confirm (retried).",
+        "forwarder",
+        {n: f.failures for n, f in fw.items()},
+    )
+    yield _labelled_counter(
+        FORWARD_ROWS_DROPPED,
+        "Unforwarded rows skipped by the disk budget's drop policy.",
+        "forwarder",
+        {n: f.rows_dropped for n, f in fw.items()},
+    )
+    yield _labelled_counter(
+        RETENTION_DELETED,
+        "Rows deleted by retention (raw_payloads: archived payloads emptied).",
+        "table",
+        s.retention_deleted,
+    )
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -119,7 +175,7 @@ def _labelled_counter(name: str, doc: str, label: str, values: Mapping[str, int]
     return family
 
 
-def _labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, int]) -> GaugeMetricFamily:
+def _labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, float]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, doc, labels=[label])
     for key, value in sorted(values.items()):
         family.add_metric([key], value)

@@ -16,6 +16,7 @@ from typing import Annotated, Final, Literal, Self
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from actors.alerts import AlertRule, AlertState, Severity
+from actors.stats import ForwarderStats
 from storage.contract import DEVICE_ID_PATTERN, DeviceType, format_ts, is_valid_device_id
 from storage.reader import DeviceRow, EventItem, QuarantineItem, TelemetryItem
 from storage.records import AlertRecord, DeviceStateRecord
@@ -368,3 +369,64 @@ class NotReady(Problem):
     """An RFC 9457 problem: the node is not ready; ``down`` names the components that are not up."""
 
     down: list[str]
+
+
+# -- forwarders ---------------------------------------------------------------------------------
+
+
+class ForwarderStatus(BaseModel):
+    """One forwarder (``influxdb``, ``s3``): where it is, what is behind, how it went last.
+
+    The backlog figures are measured every ``forward_monitor_interval_s`` (``checked_at``).
+    """
+
+    name: str
+    enabled: bool
+    #: The last rowid of its source that the sink confirmed; null until it has started.
+    position: int | None
+    rows_behind: int | None
+    #: Estimated bytes of the unforwarded rows, against ``forward_backlog_budget_bytes``.
+    backlog_bytes: int | None
+    #: Age of the oldest unforwarded row (receipt time); null when nothing is behind.
+    oldest_unforwarded_age_s: float | None
+    batches_forwarded: int
+    rows_forwarded: int
+    #: Attempts that the sink did not confirm (each failed retry counts).
+    failures: int
+    #: Rows skipped by the disk budget's drop policy.
+    rows_dropped: int
+    last_success_at: Timestamp | None
+    #: The sink's last error (HTTP status and message, never a secret); null after a success.
+    last_error: str | None
+    last_error_at: Timestamp | None
+    checked_at: Timestamp | None
+
+    @classmethod
+    def from_stats(cls, name: str, s: ForwarderStats, now: float) -> Self:
+        def ts(value: float | None) -> str | None:
+            return None if value is None else epoch_to_ts(value)
+
+        running = s.enabled and s.checked_at is not None
+        oldest = s.oldest_unforwarded_at
+        return cls(
+            name=name,
+            enabled=s.enabled,
+            position=s.position,
+            rows_behind=s.rows_behind if running else None,
+            backlog_bytes=s.backlog_bytes if running else None,
+            oldest_unforwarded_age_s=None if oldest is None else max(0.0, now - oldest),
+            batches_forwarded=s.batches,
+            rows_forwarded=s.rows,
+            failures=s.failures,
+            rows_dropped=s.rows_dropped,
+            last_success_at=ts(s.last_success_at),
+            last_error=s.last_error,
+            last_error_at=ts(s.last_error_at),
+            checked_at=ts(s.checked_at),
+        )
+
+
+class ForwarderList(BaseModel):
+    """Every forwarder the node knows, enabled or not, by name."""
+
+    items: list[ForwarderStatus]
