@@ -51,3 +51,17 @@ class IngestStats:
 
     def count_denial(self, action: str) -> None:
         self.acl_denied[action] = self.acl_denied.get(action, 0) + 1
+
+
+@dataclass(slots=True)
+class EnergyStats:
+    """What :class:`actors.energy_aggregator.EnergyAggregator` counts."""
+
+    #: The last telemetry rowid aggregated (the ``energy`` cursor).
+    position: int = 0
+    readings: int = 0
+    batches: int = 0
+    #: Period rows inserted or changed (a late reading changes periods already written).
+    periods_written: int = 0
+    #: Storage errors the aggregator retried after.
+    failures: int = 0

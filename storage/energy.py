@@ -1,0 +1,274 @@
+"""SQLite side of energy per period: the aggregator's reads and writes, and the API's series.
+
+:class:`SqliteEnergyStore` implements :class:`storage.interfaces.EnergyStore`. It reads
+telemetry through its **own read-only connection** (one worker thread, a limiter of one), so
+the aggregator's reads never queue behind or in front of the ingest writer. Its writes (the
+changed periods of a batch and the cursor, one small transaction) go through the writer
+connection of :class:`storage.sqlite.SqliteStore`, between group commits, like the alerts.
+
+The cursor is the row ``('energy', 'telemetry')`` of the shared ``cursors`` table: the last
+telemetry rowid aggregated. Retention must not delete telemetry above it.
+
+The energy registers are read with ``json_extract`` from the stored ``m`` object, so no
+reading is decoded in Python only to be thrown away.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+
+from storage.contract import format_ts
+from storage.errors import StorageError
+from storage.records import EnergyInput, EnergyNeighbours, EnergyPeriod, EnergyReading
+from storage.sqlite import SqliteStore
+
+CURSOR_NAME: Final = "energy"
+CURSOR_SOURCE: Final = "telemetry"
+#: The base period (kept equal to ``actors.energy.PERIOD_MS``; storage does not import actors).
+PERIOD_MS: Final = 300_000
+
+_REGISTERS: Final = (
+    "boot, seq, ts_ms, json_extract(m, '$.energy_import_kwh'), json_extract(m, '$.energy_export_kwh'),"
+    " json_extract(m, '$.reactive_import_kvarh'), json_extract(m, '$.reactive_export_kvarh')"
+)
+
+
+def _reading(row: Sequence[Any]) -> EnergyReading:
+    boot, seq, ts_ms, imp, exp, rimp, rexp = row
+    return EnergyReading(
+        boot=boot,
+        seq=seq,
+        ts_ms=ts_ms,
+        import_kwh=float(imp),
+        export_kwh=float(exp),
+        reactive_import_kvarh=None if rimp is None else float(rimp),
+        reactive_export_kvarh=None if rexp is None else float(rexp),
+    )
+
+
+def read_cursor(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT position FROM cursors WHERE name = ?", (CURSOR_NAME,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def new_readings(conn: sqlite3.Connection, after: int, limit: int) -> list[EnergyInput]:
+    rows = conn.execute(
+        f"SELECT id, device_id, {_REGISTERS} FROM telemetry WHERE id > ? ORDER BY id LIMIT ?",  # noqa: S608 - constant columns
+        (after, limit),
+    ).fetchall()
+    return [EnergyInput(rowid=r[0], device_id=r[1], reading=_reading(r[2:])) for r in rows]
+
+
+def _one(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> EnergyReading | None:
+    row = conn.execute(f"SELECT {_REGISTERS} FROM telemetry WHERE {sql}", args).fetchone()  # noqa: S608 - our own fragments
+    return None if row is None else _reading(row)
+
+
+_PRED: Final = "device_id = ? AND boot = ? AND seq < ? ORDER BY seq DESC LIMIT 1"
+_SUCC: Final = "device_id = ? AND boot = ? AND seq > ? ORDER BY seq LIMIT 1"
+_OLD_PRED: Final = "device_id = ? AND boot = ? AND seq < ? AND id <= ? ORDER BY seq DESC LIMIT 1"
+_OLD_SUCC: Final = "device_id = ? AND boot = ? AND seq > ? AND id <= ? ORDER BY seq LIMIT 1"
+
+
+def neighbours(
+    conn: sqlite3.Connection, keys: Sequence[tuple[str, int, int]], old_until: int
+) -> list[EnergyNeighbours]:
+    return [
+        EnergyNeighbours(
+            pred=_one(conn, _PRED, key),
+            succ=_one(conn, _SUCC, key),
+            old_pred=_one(conn, _OLD_PRED, (*key, old_until)),
+            old_succ=_one(conn, _OLD_SUCC, (*key, old_until)),
+        )
+        for key in keys
+    ]
+
+
+def window_readings(conn: sqlite3.Connection, device_id: str, start_ms: int, end_ms: int) -> list[EnergyReading]:
+    """Every reading that an interval touching ``[start_ms, end_ms)`` needs.
+
+    The readings in the window, the last one before it and the first one after it (an interval
+    may span the whole window), and per boot everything between the lowest and highest ``seq``
+    of those plus one neighbour on either side, so that neighbours here are neighbours in the
+    table (a reading whose clock jumped out of the window is still seen).
+    """
+    found: dict[tuple[int, int], EnergyReading] = {}
+    rows = conn.execute(
+        f"SELECT {_REGISTERS} FROM telemetry WHERE device_id = ? AND ts_ms >= ? AND ts_ms < ?",  # noqa: S608
+        (device_id, start_ms, end_ms),
+    ).fetchall()
+    for r in (
+        *[_reading(r) for r in rows],
+        _one(conn, "device_id = ? AND ts_ms < ? ORDER BY ts_ms DESC, id DESC LIMIT 1", (device_id, start_ms)),
+        _one(conn, "device_id = ? AND ts_ms >= ? ORDER BY ts_ms, id LIMIT 1", (device_id, end_ms)),
+    ):
+        if r is not None:
+            found[r.boot, r.seq] = r
+    spans: dict[int, tuple[int, int]] = {}
+    for boot, seq in found:
+        lo, hi = spans.get(boot, (seq, seq))
+        spans[boot] = (min(lo, seq), max(hi, seq))
+    for boot, (lo, hi) in spans.items():
+        between = conn.execute(
+            f"SELECT {_REGISTERS} FROM telemetry WHERE device_id = ? AND boot = ? AND seq BETWEEN ? AND ?",  # noqa: S608
+            (device_id, boot, lo, hi),
+        ).fetchall()
+        edges = (
+            _one(conn, _PRED, (device_id, boot, lo)),
+            _one(conn, _SUCC, (device_id, boot, hi)),
+        )
+        for r in (*[_reading(b) for b in between], *edges):
+            if r is not None:
+                found[r.boot, r.seq] = r
+    return list(found.values())
+
+
+def _has_content(p: EnergyPeriod) -> bool:
+    return p.covered_ms > 0 or p.consumed_kwh != 0 or p.regenerated_kwh != 0 or p.reactive_import_kvarh is not None
+
+
+def _row(p: EnergyPeriod) -> tuple[object, ...]:
+    return (
+        p.consumed_kwh,
+        p.regenerated_kwh,
+        p.reactive_import_kvarh,
+        p.reactive_export_kvarh,
+        p.covered_ms,
+        int(p.complete),
+    )
+
+
+_SELECT_PERIOD = (
+    "SELECT consumed_kwh, regenerated_kwh, reactive_import_kvarh, reactive_export_kvarh, covered_ms, complete"
+    " FROM energy_periods WHERE device_id = ? AND start_ms = ?"
+)
+_UPSERT_PERIOD = """
+    INSERT INTO energy_periods (device_id, start_ms, consumed_kwh, regenerated_kwh, reactive_import_kvarh,
+                                reactive_export_kvarh, covered_ms, complete, rev)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (device_id, start_ms) DO UPDATE SET
+        consumed_kwh = excluded.consumed_kwh, regenerated_kwh = excluded.regenerated_kwh,
+        reactive_import_kvarh = excluded.reactive_import_kvarh, reactive_export_kvarh = excluded.reactive_export_kvarh,
+        covered_ms = excluded.covered_ms, complete = excluded.complete, rev = excluded.rev
+"""
+_UPSERT_CURSOR = """
+    INSERT INTO cursors (name, source, position, updated_at) VALUES (?, ?, ?, ?)
+    ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at
+"""
+
+
+def save_energy(conn: sqlite3.Connection, periods: Sequence[tuple[str, EnergyPeriod]], position: int) -> int:
+    """Write the periods that changed and the cursor, in one transaction; returns the changes.
+
+    A period is written only when it differs from its row (recomputing gives bit-identical
+    values, so an unchanged period keeps its ``rev``), and an empty one only over a row.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rev: int = conn.execute("SELECT coalesce(max(rev), 0) FROM energy_periods").fetchone()[0]
+        writes = []
+        for device_id, p in periods:
+            old = conn.execute(_SELECT_PERIOD, (device_id, p.start_ms)).fetchone()
+            new = _row(p)
+            if (old is None and not _has_content(p)) or (old is not None and tuple(old) == new):
+                continue
+            rev += 1
+            writes.append((device_id, p.start_ms, *new, rev))
+        conn.executemany(_UPSERT_PERIOD, writes)
+        conn.execute(_UPSERT_CURSOR, (CURSOR_NAME, CURSOR_SOURCE, position, format_ts(datetime.now(UTC))))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return len(writes)
+
+
+def energy_series(
+    conn: sqlite3.Connection, device_id: str, start_ms: int, end_ms: int, size_ms: int
+) -> list[EnergyPeriod]:
+    """Periods of *size_ms* (a multiple of 5 minutes) over ``[start_ms, end_ms)`` (aligned), oldest
+    first, every one of them: a period without rows is empty and incomplete. A longer period is
+    the sum of its 5-minute periods, complete when all of them are stored and complete."""
+    per = size_ms // PERIOD_MS
+    rows = conn.execute(
+        "SELECT ? + ((start_ms - ?) / ?) * ? AS bucket, sum(consumed_kwh), sum(regenerated_kwh),"
+        " sum(reactive_import_kvarh), sum(reactive_export_kvarh), sum(covered_ms), count(*), sum(complete)"
+        " FROM energy_periods WHERE device_id = ? AND start_ms >= ? AND start_ms < ?"
+        " GROUP BY bucket ORDER BY bucket",
+        (start_ms, start_ms, size_ms, size_ms, device_id, start_ms, end_ms),
+    ).fetchall()
+    found = {r[0]: r for r in rows}
+    out = []
+    for start in range(start_ms, end_ms, size_ms):
+        r = found.get(start)
+        if r is None:
+            out.append(EnergyPeriod(start, 0.0, 0.0, None, None, 0, complete=False))
+            continue
+        out.append(EnergyPeriod(start, r[1], r[2], r[3], r[4], r[5], complete=r[6] == per and r[7] == per))
+    return out
+
+
+def energy_changes(conn: sqlite3.Connection, after_rev: int, limit: int) -> list[tuple[int, str, EnergyPeriod]]:
+    """Periods changed after *after_rev*, oldest change first, as ``(rev, device_id, period)``:
+    what a forwarder reads by cursor (source ``energy_periods``) to send them on."""
+    rows = conn.execute(
+        "SELECT rev, device_id, start_ms, consumed_kwh, regenerated_kwh, reactive_import_kvarh,"
+        " reactive_export_kvarh, covered_ms, complete FROM energy_periods WHERE rev > ? ORDER BY rev LIMIT ?",
+        (after_rev, limit),
+    ).fetchall()
+    return [(r[0], r[1], EnergyPeriod(r[2], r[3], r[4], r[5], r[6], r[7], complete=bool(r[8]))) for r in rows]
+
+
+class SqliteEnergyStore:
+    """:class:`storage.interfaces.EnergyStore` on the node's database (see the module docstring)."""
+
+    def __init__(self, path: Path, writer: SqliteStore) -> None:
+        self._writer = writer
+        # Opened in the worker thread on first use; check_same_thread=False because anyio may
+        # pick another worker thread next time (the limiter still allows one at a time).
+        self._uri = f"file:{path}?mode=ro"
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _read[T](self, fn: Any, *args: Any) -> T:
+        def call() -> T:
+            if self._conn is None:
+                self._conn = sqlite3.connect(self._uri, uri=True, check_same_thread=False, timeout=30.0)
+                self._conn.execute("PRAGMA query_only=ON")
+            result: T = fn(self._conn, *args)
+            return result
+
+        try:
+            return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from exc
+
+    async def energy_cursor(self) -> int:
+        return await self._read(read_cursor)
+
+    async def new_readings(self, after: int, limit: int) -> list[EnergyInput]:
+        return await self._read(new_readings, after, limit)
+
+    async def neighbours(self, keys: Sequence[tuple[str, int, int]], old_until: int) -> list[EnergyNeighbours]:
+        return await self._read(neighbours, keys, old_until)
+
+    async def window_readings(self, windows: Sequence[tuple[str, int, int]]) -> list[list[EnergyReading]]:
+        def run(conn: sqlite3.Connection, ws: Iterable[tuple[str, int, int]]) -> list[list[EnergyReading]]:
+            return [window_readings(conn, d, lo, hi) for d, lo, hi in ws]
+
+        return await self._read(run, windows)
+
+    async def save_energy(self, periods: Sequence[tuple[str, EnergyPeriod]], position: int) -> int:
+        return await self._writer.run_in_writer(lambda c: save_energy(c, periods, position))
