@@ -54,6 +54,8 @@ class EnergyAggregator:
         self._stats = stats
         self._config = config or EnergyConfig()
         self._wake = anyio.Event()
+        #: The last rowid aggregated; None until read from the store.
+        self._position: int | None = None
 
     def nudge(self) -> None:
         """Look for new telemetry now instead of at the next poll (never blocks)."""
@@ -61,8 +63,7 @@ class EnergyAggregator:
 
     async def run(self) -> None:
         """Aggregate forever; the supervisor restarts it after a crash (it resumes from the cursor)."""
-        position = await self._retrying(self._store.energy_cursor)
-        self._stats.position = position
+        self._position = None  # after a crash: reload the cursor, the store is the truth
         while True:
             done = await self._retrying(self.step)
             if done == 0:
@@ -72,13 +73,15 @@ class EnergyAggregator:
 
     async def step(self) -> int:
         """Aggregate one batch of new telemetry rows; returns how many rows it took (0: none new)."""
-        position = self._stats.position
+        if self._position is None:
+            self._position = self._stats.position = await self._store.energy_cursor()
+        position = self._position
         rows = await self._store.new_readings(position, self._config.batch)
         if not rows:
             return 0
         periods = await self._recompute(rows, position)
         changed = await self._store.save_energy(periods, rows[-1].rowid)
-        self._stats.position = rows[-1].rowid
+        self._position = self._stats.position = rows[-1].rowid
         self._stats.readings += len(rows)
         self._stats.periods_written += changed
         self._stats.batches += 1

@@ -116,7 +116,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, source TEXT NOT NULL,
         position INTEGER NOT NULL DEFAULT 0, updated_at TEXT NOT NULL);
 
-    -- One row per device and period that has energy or coverage; a missing row is an empty,
+    -- One row per device and period that has energy or coverage. A missing row is an empty,
     -- incomplete period. `rev` grows with every change, for whoever forwards the periods.
     CREATE TABLE energy_periods (
         device_id             TEXT NOT NULL,
