@@ -23,6 +23,20 @@ class AlertStats:
 
 
 @dataclass(slots=True)
+class EnergyStats:
+    """What :class:`actors.energy_aggregator.EnergyAggregator` counts."""
+
+    #: The last telemetry rowid aggregated (the ``energy`` cursor).
+    position: int = 0
+    readings: int = 0
+    batches: int = 0
+    #: Period rows inserted or changed (a late reading changes periods already written).
+    periods_written: int = 0
+    #: Storage errors the aggregator retried after.
+    failures: int = 0
+
+
+@dataclass(slots=True)
 class IngestStats:
     publishes: int = 0
     readings_stored: int = 0
@@ -42,6 +56,7 @@ class IngestStats:
     acl_denied: dict[str, int] = field(default_factory=dict)
     connections: int = 0
     alerts: AlertStats = field(default_factory=AlertStats)
+    energy: EnergyStats = field(default_factory=EnergyStats)
 
     def count_quarantine(self, reason: str) -> None:
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
@@ -51,17 +66,3 @@ class IngestStats:
 
     def count_denial(self, action: str) -> None:
         self.acl_denied[action] = self.acl_denied.get(action, 0) + 1
-
-
-@dataclass(slots=True)
-class EnergyStats:
-    """What :class:`actors.energy_aggregator.EnergyAggregator` counts."""
-
-    #: The last telemetry rowid aggregated (the ``energy`` cursor).
-    position: int = 0
-    readings: int = 0
-    batches: int = 0
-    #: Period rows inserted or changed (a late reading changes periods already written).
-    periods_written: int = 0
-    #: Storage errors the aggregator retried after.
-    failures: int = 0

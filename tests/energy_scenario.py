@@ -27,10 +27,11 @@ the first two periods: 30 + 15 and 9 + 3.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Final
 
-from storage.records import EnergyReading
+from storage.records import DeviceBatch, DeviceStateRecord, EnergyReading, RawMessage, TelemetryRow
 
 #: 2026-11-23T16:00:00Z in epoch milliseconds.
 T0_MS: Final = int(datetime(2026, 11, 23, 16, 0, tzinfo=UTC).timestamp() * 1000)
@@ -81,3 +82,20 @@ EXPECTED_BEFORE_LATE: Final = [
 EXPECTED: Final = [(0, 30.0, 9.0, False), (5, 23.0, 7.0, False), (10, 24.0, 8.0, True), (15, 24.0, 8.0, True)]
 #: The hour 16:00-17:00: (consumed, regenerated, complete).
 EXPECTED_HOUR: Final = (101.0, 32.0, False)
+
+
+def telemetry_batch(device_id: str, readings: list[EnergyReading]) -> DeviceBatch:
+    """*readings* as the storage writer commits them (``SqliteStore.commit``)."""
+
+    def m(r: EnergyReading) -> str:
+        doc = {"voltage_v": 1500.0, "current_a": 1.0, "power_kw": 1.5}
+        doc |= {"energy_import_kwh": r.import_kwh, "energy_export_kwh": r.export_kwh}
+        if r.reactive_import_kvarh is not None:
+            doc |= {"reactive_import_kvarh": r.reactive_import_kvarh, "reactive_export_kvarh": r.reactive_export_kvarh}
+        return json.dumps(doc)
+
+    messages = [
+        RawMessage(f"iot/{device_id}/telemetry", 0.0, b"{}", [TelemetryRow(r.boot, r.seq, r.ts_ms, m(r), None)])
+        for r in readings
+    ]
+    return DeviceBatch(device_id, messages, DeviceStateRecord(device_id, None, 0, -1, (), {}, None, online=False))

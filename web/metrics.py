@@ -45,6 +45,10 @@ MQTT_CONNECTIONS: Final = PREFIX + "mqtt_connections"
 ALERTS_OPEN: Final = PREFIX + "alerts_open"
 ALERTS_RAISED: Final = PREFIX + "alerts_raised"
 ALERT_SIGNALS_DROPPED: Final = PREFIX + "alert_signals_dropped"
+ENERGY_READINGS: Final = PREFIX + "energy_readings"
+ENERGY_PERIODS_WRITTEN: Final = PREFIX + "energy_periods_written"
+ENERGY_FAILURES: Final = PREFIX + "energy_failures"
+ENERGY_CURSOR: Final = PREFIX + "energy_cursor_position"
 
 
 class IngestCollector(Collector):
@@ -102,6 +106,12 @@ class IngestCollector(Collector):
             "Alert signals lost because the alert actor's mailbox was full.",
             s.alerts.signals_dropped,
         )
+        yield _counter(ENERGY_READINGS, "Telemetry rows taken into energy per period.", s.energy.readings)
+        yield _counter(
+            ENERGY_PERIODS_WRITTEN, "Energy periods written or rewritten (late readings).", s.energy.periods_written
+        )
+        yield _counter(ENERGY_FAILURES, "Energy aggregation attempts that failed on storage.", s.energy.failures)
+        yield _gauge(ENERGY_CURSOR, "The last telemetry rowid taken into energy per period.", s.energy.position)
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -7,7 +7,6 @@ is compared with the algorithm applied to all readings at once.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Iterable
@@ -25,9 +24,19 @@ from actors.energy_aggregator import EnergyAggregator, EnergyConfig
 from actors.stats import EnergyStats
 from storage.energy import CURSOR_NAME, SqliteEnergyStore, energy_changes, energy_series
 from storage.reader import Reader
-from storage.records import DeviceBatch, DeviceStateRecord, EnergyPeriod, EnergyReading, RawMessage, TelemetryRow
+from storage.records import EnergyPeriod, EnergyReading
 from storage.sqlite import SqliteStore
-from tests.energy_scenario import BOOT7, BOOT8, DEVICE, EXPECTED, EXPECTED_BEFORE_LATE, LATE, MIN, T0_MS
+from tests.energy_scenario import (
+    BOOT7,
+    BOOT8,
+    DEVICE,
+    EXPECTED,
+    EXPECTED_BEFORE_LATE,
+    LATE,
+    MIN,
+    T0_MS,
+    telemetry_batch,
+)
 from tests.unit.test_energy import approx, boot_readings
 
 
@@ -39,7 +48,7 @@ class Energy:
     actor: EnergyAggregator
 
     async def insert(self, device_id: str, readings: Iterable[EnergyReading]) -> None:
-        await self.store.commit([batch(device_id, list(readings))])
+        await self.store.commit([telemetry_batch(device_id, list(readings))])
 
     async def drain(self) -> None:
         while await self.actor.step():
@@ -48,22 +57,6 @@ class Energy:
     def query(self, sql: str, *args: object) -> list[tuple[object, ...]]:
         with closing(sqlite3.connect(self.path)) as conn:
             return conn.execute(sql, args).fetchall()
-
-
-def batch(device_id: str, readings: list[EnergyReading]) -> DeviceBatch:
-    def m(r: EnergyReading) -> str:
-        doc = {"voltage_v": 1500.0, "current_a": 1.0, "power_kw": 1.5}
-        doc |= {"energy_import_kwh": r.import_kwh, "energy_export_kwh": r.export_kwh}
-        if r.reactive_import_kvarh is not None:
-            doc |= {"reactive_import_kvarh": r.reactive_import_kvarh, "reactive_export_kvarh": r.reactive_export_kvarh}
-        return json.dumps(doc)
-
-    messages = [
-        RawMessage(f"iot/{device_id}/telemetry", 0.0, b"{}", [TelemetryRow(r.boot, r.seq, r.ts_ms, m(r), None)])
-        for r in readings
-    ]
-    state = DeviceStateRecord(device_id, None, 0, -1, (), {}, None, online=False)
-    return DeviceBatch(device_id, messages, state)
 
 
 async def open_energy(directory: Path, batch_size: int = 2000) -> Energy:
