@@ -52,17 +52,38 @@ class _Acc:
     reactive_export: float | None = None
     covered: int = 0
     flagged: bool = False
+    #: The stretches counted intervals cover, for the union (only the window's periods keep them).
+    spans: list[tuple[int, int]] = field(default_factory=list)
 
     def freeze(self, start_ms: int) -> EnergyPeriod:
+        covered = self.covered
+        flagged = self.flagged
+        if self.spans:
+            covered = _union(self.spans)
+            # Time covered twice: two boots (or a clock that went back) claim the same stretch,
+            # and the energy of one of them belongs elsewhere.
+            flagged |= covered < sum(hi - lo for lo, hi in self.spans)
         return EnergyPeriod(
             start_ms=start_ms,
             consumed_kwh=self.consumed,
             regenerated_kwh=self.regenerated,
             reactive_import_kvarh=self.reactive_import,
             reactive_export_kvarh=self.reactive_export,
-            covered_ms=self.covered,
-            complete=self.covered == PERIOD_MS and not self.flagged,
+            covered_ms=covered,
+            complete=covered == PERIOD_MS and not flagged,
         )
+
+
+def _union(spans: list[tuple[int, int]]) -> int:
+    total, end = 0, None
+    for lo, hi in sorted(spans):
+        if end is None or lo >= end:
+            total += hi - lo
+            end = hi
+        elif hi > end:
+            total += hi - end
+            end = hi
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +164,7 @@ class Window:
             if acc is not None:
                 overlap = min(b.ts_ms, start + PERIOD_MS) - max(a.ts_ms, start)
                 _credit(acc, d, overlap / duration)
-                acc.covered += overlap
+                acc.spans.append((max(a.ts_ms, start), min(b.ts_ms, start + PERIOD_MS)))
                 acc.flagged |= not exact
             start += PERIOD_MS
 

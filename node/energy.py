@@ -37,8 +37,9 @@ def build_energy(
 ) -> tuple[EnergyAggregator, SqliteEnergyStore] | None:
     if not settings.energy_enabled:
         return None
-    energy_store = SqliteEnergyStore(db, store)
-    return EnergyAggregator(energy_store, stats, energy_config(settings)), energy_store
+    config = energy_config(settings)
+    energy_store = SqliteEnergyStore(db, store, max_interval_ms=config.max_interval_ms)
+    return EnergyAggregator(energy_store, stats, config), energy_store
 
 
 async def run_energy(energy: tuple[EnergyAggregator, SqliteEnergyStore] | None) -> None:

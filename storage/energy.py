@@ -16,6 +16,7 @@ reading is decoded in Python only to be thrown away.
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,58 +73,134 @@ def _one(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> Energy
 
 _PRED: Final = "device_id = ? AND boot = ? AND seq < ? ORDER BY seq DESC LIMIT 1"
 _SUCC: Final = "device_id = ? AND boot = ? AND seq > ? ORDER BY seq LIMIT 1"
-_OLD_PRED: Final = "device_id = ? AND boot = ? AND seq < ? AND id <= ? ORDER BY seq DESC LIMIT 1"
-_OLD_SUCC: Final = "device_id = ? AND boot = ? AND seq > ? AND id <= ? ORDER BY seq LIMIT 1"
+_ID_REGISTERS: Final = "id, " + _REGISTERS
+
+
+def _near(conn: sqlite3.Connection, where: str, args: tuple[object, ...]) -> tuple[int, EnergyReading] | None:
+    row = conn.execute(f"SELECT {_ID_REGISTERS} FROM telemetry WHERE {where}", args).fetchone()  # noqa: S608
+    return None if row is None else (row[0], _reading(row[1:]))
+
+
+type _Found = tuple[int, EnergyReading] | None
+
+
+def _seq_range(conn: sqlite3.Connection, device_id: str, boot: int, lo: int, hi: int) -> list[EnergyReading]:
+    return [r for _, r in _seq_range_with_ids(conn, device_id, boot, lo, hi)]
+
+
+def _seq_range_with_ids(
+    conn: sqlite3.Connection, device_id: str, boot: int, lo: int, hi: int
+) -> list[tuple[int, EnergyReading]]:
+    rows = conn.execute(
+        f"SELECT {_ID_REGISTERS} FROM telemetry WHERE device_id = ? AND boot = ? AND seq BETWEEN ? AND ? ORDER BY seq",  # noqa: S608
+        (device_id, boot, lo, hi),
+    ).fetchall()
+    return [(r[0], _reading(r[1:])) for r in rows]
+
+
+def _current_neighbours(
+    conn: sqlite3.Connection, keys: Sequence[tuple[str, int, int]]
+) -> dict[tuple[str, int, int], tuple[_Found, _Found]]:
+    """Each key's predecessor and successor in its boot, with their rowids.
+
+    Keys of one device and boot that lie close together (a batch of readings in order, the
+    usual case) are answered from one range read plus two seeks; scattered ones by two index
+    seeks each, so a late reading far below the others never reads everything in between.
+    """
+    groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for device_id, boot, seq in keys:
+        groups[device_id, boot].append(seq)
+    out: dict[tuple[str, int, int], tuple[_Found, _Found]] = {}
+    for (device_id, boot), seqs in groups.items():
+        lo, hi = min(seqs), max(seqs)
+        if hi - lo + 1 > 4 * len(seqs) + 64:
+            for seq in seqs:
+                key = (device_id, boot, seq)
+                out[key] = (_near(conn, _PRED, key), _near(conn, _SUCC, key))
+            continue
+        ordered = [
+            _near(conn, _PRED, (device_id, boot, lo)),
+            *_seq_range_with_ids(conn, device_id, boot, lo, hi),
+            _near(conn, _SUCC, (device_id, boot, hi)),
+        ]
+        index = {found[1].seq: i for i, found in enumerate(ordered) if found is not None}
+        for seq in seqs:
+            i = index[seq]
+            out[device_id, boot, seq] = (ordered[i - 1], ordered[i + 1])
+    return out
 
 
 def neighbours(
     conn: sqlite3.Connection, keys: Sequence[tuple[str, int, int]], old_until: int
 ) -> list[EnergyNeighbours]:
-    return [
-        EnergyNeighbours(
-            pred=_one(conn, _PRED, key),
-            succ=_one(conn, _SUCC, key),
-            old_pred=_one(conn, _OLD_PRED, (*key, old_until)),
-            old_succ=_one(conn, _OLD_SUCC, (*key, old_until)),
-        )
-        for key in keys
-    ]
+    """Each key's neighbours now, and among the rows with ``id <= old_until``.
+
+    Two index seeks per key. The old neighbours are derived: a neighbour that is itself new
+    has the old neighbour of that reading, worked out first by going through the keys in
+    ``seq`` order (ascending for predecessors, descending for successors). Only a new neighbour
+    that is not among *keys* (committed after the batch was read) costs more seeks.
+    """
+    now = _current_neighbours(conn, keys)
+    old: dict[tuple[str, int, int], list[EnergyReading | None]] = {key: [None, None] for key in keys}
+    for side, where in ((0, _PRED), (1, _SUCC)):
+        for key in sorted(keys, reverse=side == 1):
+            device, boot, _ = key
+            found = now[key][side]
+            while found is not None and found[0] > old_until:
+                nkey = (device, boot, found[1].seq)
+                if nkey in old and nkey != key:
+                    old[key][side] = old[nkey][side]
+                    break
+                found = _near(conn, where, nkey)
+            else:
+                old[key][side] = None if found is None else found[1]
+    return [EnergyNeighbours(_reading_of(now[k][0]), _reading_of(now[k][1]), *old[k]) for k in keys]
 
 
-def window_readings(conn: sqlite3.Connection, device_id: str, start_ms: int, end_ms: int) -> list[EnergyReading]:
+def _reading_of(found: tuple[int, EnergyReading] | None) -> EnergyReading | None:
+    return None if found is None else found[1]
+
+
+def window_readings(
+    conn: sqlite3.Connection, device_id: str, start_ms: int, end_ms: int, max_interval_ms: int
+) -> list[EnergyReading]:
     """Every reading that an interval touching ``[start_ms, end_ms)`` needs.
 
-    The readings in the window, the last one before it and the first one after it (an interval
-    may span the whole window), and per boot everything between the lowest and highest ``seq``
-    of those plus one neighbour on either side, so that neighbours here are neighbours in the
-    table (a reading whose clock jumped out of the window is still seen).
+    The readings in the window; per boot, the last reading within *max_interval_ms* before it
+    (an interval may span the whole window, and a longer one does not count); and per boot
+    everything between the lowest and highest ``seq`` of those plus one neighbour on either
+    side, so that neighbours here are neighbours in the table (a reading whose clock jumped out
+    of the window is still seen).
     """
     found: dict[tuple[int, int], EnergyReading] = {}
     rows = conn.execute(
         f"SELECT {_REGISTERS} FROM telemetry WHERE device_id = ? AND ts_ms >= ? AND ts_ms < ?",  # noqa: S608
         (device_id, start_ms, end_ms),
     ).fetchall()
-    for r in (
-        *[_reading(r) for r in rows],
-        _one(conn, "device_id = ? AND ts_ms < ? ORDER BY ts_ms DESC, id DESC LIMIT 1", (device_id, start_ms)),
-        _one(conn, "device_id = ? AND ts_ms >= ? ORDER BY ts_ms, id LIMIT 1", (device_id, end_ms)),
-    ):
+    before = conn.execute(
+        "SELECT boot, max(ts_ms) FROM telemetry WHERE device_id = ? AND ts_ms >= ? AND ts_ms < ? GROUP BY boot",
+        (device_id, start_ms - max_interval_ms, start_ms),
+    ).fetchall()
+    edges = [
+        _one(conn, "device_id = ? AND ts_ms = ? AND boot = ? ORDER BY seq DESC LIMIT 1", (device_id, ts, boot))
+        for boot, ts in before
+    ]
+    for r in (*[_reading(r) for r in rows], *edges):
         if r is not None:
             found[r.boot, r.seq] = r
     spans: dict[int, tuple[int, int]] = {}
     for boot, seq in found:
         lo, hi = spans.get(boot, (seq, seq))
         spans[boot] = (min(lo, seq), max(hi, seq))
+    counts = Counter(boot for boot, _ in found)
     for boot, (lo, hi) in spans.items():
-        between = conn.execute(
-            f"SELECT {_REGISTERS} FROM telemetry WHERE device_id = ? AND boot = ? AND seq BETWEEN ? AND ?",  # noqa: S608
-            (device_id, boot, lo, hi),
-        ).fetchall()
-        edges = (
+        # Usually the readings in the window are all of that seq range already.
+        between = [] if counts[boot] == hi - lo + 1 else _seq_range(conn, device_id, boot, lo, hi)
+        ends = (
             _one(conn, _PRED, (device_id, boot, lo)),
             _one(conn, _SUCC, (device_id, boot, hi)),
         )
-        for r in (*[_reading(b) for b in between], *edges):
+        for r in (*between, *ends):
             if r is not None:
                 found[r.boot, r.seq] = r
     return list(found.values())
@@ -229,8 +306,10 @@ def energy_changes(conn: sqlite3.Connection, after_rev: int, limit: int) -> list
 class SqliteEnergyStore:
     """:class:`storage.interfaces.EnergyStore` on the node's database (see the module docstring)."""
 
-    def __init__(self, path: Path, writer: SqliteStore) -> None:
+    def __init__(self, path: Path, writer: SqliteStore, *, max_interval_ms: int = 3_600_000) -> None:
         self._writer = writer
+        #: The aggregator's ``max_interval_ms``: how far before a window an interval can begin.
+        self._max_interval_ms = max_interval_ms
         # Opened in the worker thread on first use; check_same_thread=False because anyio may
         # pick another worker thread next time (the limiter still allows one at a time).
         self._uri = f"file:{path}?mode=ro"
@@ -266,7 +345,7 @@ class SqliteEnergyStore:
 
     async def window_readings(self, windows: Sequence[tuple[str, int, int]]) -> list[list[EnergyReading]]:
         def run(conn: sqlite3.Connection, ws: Iterable[tuple[str, int, int]]) -> list[list[EnergyReading]]:
-            return [window_readings(conn, d, lo, hi) for d, lo, hi in ws]
+            return [window_readings(conn, d, lo, hi, self._max_interval_ms) for d, lo, hi in ws]
 
         return await self._read(run, windows)
 

@@ -187,3 +187,31 @@ def test_energy_series_fills_every_period(tmp_path: Path) -> None:
     with closing(sqlite3.connect(path)) as conn:
         got = energy_series(conn, "nobody", T0_MS, T0_MS + 3 * PERIOD_MS, PERIOD_MS)
     assert got == [EnergyPeriod(T0_MS + i * PERIOD_MS, 0.0, 0.0, None, None, 0, complete=False) for i in range(3)]
+
+
+@pytest.mark.anyio
+async def test_scattered_late_readings(energy: Energy) -> None:
+    # Two late readings far apart in seq: answered by index seeks, not by reading the range.
+    readings = [EnergyReading(1, s, T0_MS + s * 10_000, 0.5 * s, 0.1 * s) for s in range(200)]
+    await energy.insert(DEVICE, [r for r in readings if r.seq not in {10, 150}])
+    await energy.drain()
+    await energy.insert(DEVICE, [readings[150], readings[10]])
+    await energy.drain()
+    lo, hi = T0_MS, period_of(readings[-1].ts_ms) + PERIOD_MS
+    got = await series(energy, lo, hi)
+    assert got == compute_window(readings, lo, hi)
+    assert all(p.complete for p in got[:-1])
+
+
+@pytest.mark.anyio
+async def test_late_reading_with_a_wrong_clock_on_sqlite(energy: Energy) -> None:
+    # seq 1 arrives late, three hours off: the interval 0 -> 2 it splits no longer counts.
+    await energy.insert(
+        DEVICE, [EnergyReading(1, 0, T0_MS, 0.0, 0.0), EnergyReading(1, 2, T0_MS + 10 * MIN, 10.0, 0.0)]
+    )
+    await energy.drain()
+    assert [p.consumed_kwh for p in await series(energy, T0_MS, T0_MS + 10 * MIN)] == [5.0, 5.0]
+    await energy.insert(DEVICE, [EnergyReading(1, 1, T0_MS + 180 * MIN, 4.0, 0.0)])
+    await energy.drain()
+    got = await series(energy, T0_MS, T0_MS + 10 * MIN)
+    assert [(p.consumed_kwh, p.complete) for p in got] == [(0.0, False), (0.0, False)]

@@ -134,6 +134,14 @@ def test_reactive_register_missing_from_one_reading_flags_the_period() -> None:
     assert (p.consumed_kwh, p.reactive_import_kvarh, p.complete) == (4, None, False)
 
 
+def test_boots_overlapping_in_time_are_incomplete() -> None:
+    # A meter whose clock went back at a reboot: both boots claim 16:00-16:05.
+    first = [r(0, 0, 0), r(1, 300, 5)]
+    second = [r(0, 0, 100, boot=2), r(1, 300, 104, boot=2)]
+    (p,) = compute_window([*first, *second], T0_MS, T0_MS + PERIOD_MS)
+    assert (p.consumed_kwh, p.covered_ms, p.complete) == (9, PERIOD_MS, False)
+
+
 def test_merge_runs_joins_touching_ranges() -> None:
     p = PERIOD_MS
     assert merge_runs([(5 * p, 6 * p), (0, 0), (p, 2 * p), (7 * p, 7 * p)]) == [(0, 3 * p), (5 * p, 8 * p)]
