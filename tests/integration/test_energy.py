@@ -12,6 +12,8 @@ from typing import Any
 import anyio
 import pytest
 
+from node.config import load_settings
+from storage.errors import ConfigError
 from storage.records import EnergyReading
 from tests.energy_scenario import BOOT7, BOOT8, DEVICE, EXPECTED, EXPECTED_BEFORE_LATE, LATE, T0_MS
 from tests.integration.conftest import Device, RunningNode, make_admin_key, start_node, stop_node
@@ -98,3 +100,30 @@ async def test_energy_resumes_after_a_node_restart(tmp_path: Path, devices: list
         await publish(dev, [*BOOT8, LATE])
         await until_energy(node, EXPECTED)
         await stop_node(node)
+
+
+async def test_energy_disabled(tmp_path: Path, devices: list[Device]) -> None:
+    key = make_admin_key(tmp_path)
+    async with anyio.create_task_group() as tg:
+        node = await start_node(tg, tmp_path, key, energy_enabled=False, energy_poll_s=0.05)
+        dev = Device(node.mqtt_port, DEVICE, await node.register(DEVICE))
+        devices.append(dev)
+        assert (await dev.aconnect()).value == 0
+        await publish(dev, BOOT7)
+        await anyio.sleep(0.5)  # ten polls of an aggregator that is not there
+        body = await node.get(ENERGY, **RANGE)
+        assert all(i["consumed_kwh"] == 0 and not i["complete"] for i in body["items"])
+        async with node.http() as client:
+            text = (await client.get("/metrics")).text
+        assert "depot_node_energy_readings_total 0.0" in text
+        await stop_node(node)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("energy_max_interval_s", "10"), ("energy_poll_s", "0"), ("energy_enabled", "maybe")]
+)
+def test_bad_energy_settings_name_the_setting(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(f"DEPOT_NODE_{name.upper()}", value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert name in str(caught.value)
