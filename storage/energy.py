@@ -18,6 +18,7 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -292,15 +293,32 @@ def energy_series(
     return out
 
 
-def energy_changes(conn: sqlite3.Connection, after_rev: int, limit: int) -> list[tuple[int, str, EnergyPeriod]]:
-    """Periods changed after *after_rev*, oldest change first, as ``(rev, device_id, period)``:
-    what a forwarder reads by cursor (source ``energy_periods``) to send them on."""
+@dataclass(frozen=True, slots=True)
+class EnergyChange:
+    """A period row as a forwarder sees it: ``rev`` is its cursor position."""
+
+    rev: int
+    device_id: str
+    #: The device's type (``dc_meter``, ``ac_meter``); None if the device row is gone.
+    device_type: str | None
+    period: EnergyPeriod
+
+
+def energy_changes(conn: sqlite3.Connection, after_rev: int, limit: int) -> list[EnergyChange]:
+    """Periods changed after *after_rev*, oldest change first: what a forwarder reads by cursor
+    (source ``energy_periods``, position = the last ``rev`` sent) to send them on, e.g. as
+    :func:`storage.energy_influx.energy_line`. A period changed twice is returned once, at its
+    latest ``rev``."""
     rows = conn.execute(
-        "SELECT rev, device_id, start_ms, consumed_kwh, regenerated_kwh, reactive_import_kvarh,"
-        " reactive_export_kvarh, covered_ms, complete FROM energy_periods WHERE rev > ? ORDER BY rev LIMIT ?",
+        "SELECT e.rev, e.device_id, d.type, e.start_ms, e.consumed_kwh, e.regenerated_kwh, e.reactive_import_kvarh,"
+        " e.reactive_export_kvarh, e.covered_ms, e.complete FROM energy_periods e"
+        " LEFT JOIN devices d ON d.device_id = e.device_id WHERE e.rev > ? ORDER BY e.rev LIMIT ?",
         (after_rev, limit),
     ).fetchall()
-    return [(r[0], r[1], EnergyPeriod(r[2], r[3], r[4], r[5], r[6], r[7], complete=bool(r[8]))) for r in rows]
+    return [
+        EnergyChange(r[0], r[1], r[2], EnergyPeriod(r[3], r[4], r[5], r[6], r[7], r[8], complete=bool(r[9])))
+        for r in rows
+    ]
 
 
 class SqliteEnergyStore:

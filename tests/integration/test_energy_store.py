@@ -23,6 +23,7 @@ from actors.energy import PERIOD_MS, PERIODS, aggregate, compute_window, period_
 from actors.energy_aggregator import EnergyAggregator, EnergyConfig
 from actors.stats import EnergyStats
 from storage.energy import CURSOR_NAME, SqliteEnergyStore, energy_changes, energy_series
+from storage.energy_influx import energy_line
 from storage.reader import Reader
 from storage.records import EnergyPeriod, EnergyReading
 from storage.sqlite import SqliteStore
@@ -114,8 +115,12 @@ async def test_train_scenario_on_sqlite(energy: Energy) -> None:
     assert changed == {T0_MS + 15 * MIN}
     (last,) = energy.query("SELECT max(rev) FROM energy_periods")
     with closing(sqlite3.connect(energy.path)) as conn:
-        (rev, device, period), *more = energy_changes(conn, last[0] - 1, 10)  # type: ignore[operator]
-    assert (rev, device, period.start_ms, period.complete, more) == (last[0], DEVICE, T0_MS + 15 * MIN, True, [])
+        (change, *more) = energy_changes(conn, last[0] - 1, 10)  # type: ignore[operator]
+    assert (change.rev, change.device_id, change.device_type, more) == (last[0], DEVICE, None, [])
+    assert (change.period.start_ms, change.period.complete) == (T0_MS + 15 * MIN, True)
+    line = energy_line(change.device_id, change.period, device_type=change.device_type, precision="ms")
+    assert line.startswith(f"energy,device_id={DEVICE},period=5m consumed_kwh=24.0,")
+    assert line.endswith(f"complete=true {T0_MS + 15 * MIN}")
 
 
 @pytest.mark.anyio
