@@ -49,6 +49,19 @@ class ForwarderStats:
     last_error_at: float | None = None
 
 
+class EnergyStats:
+    """What :class:`actors.energy_aggregator.EnergyAggregator` counts."""
+
+    #: The last telemetry rowid aggregated (the ``energy`` cursor).
+    position: int = 0
+    readings: int = 0
+    batches: int = 0
+    #: Period rows inserted or changed (a late reading changes periods already written).
+    periods_written: int = 0
+    #: Storage errors the aggregator retried after.
+    failures: int = 0
+
+
 @dataclass(slots=True)
 class IngestStats:
     publishes: int = 0
@@ -73,6 +86,7 @@ class IngestStats:
     forwarders: dict[str, ForwarderStats] = field(default_factory=dict)
     #: Rows deleted by retention, per table (``raw_payloads``: payloads emptied).
     retention_deleted: dict[str, int] = field(default_factory=dict)
+    energy: EnergyStats = field(default_factory=EnergyStats)
 
     def count_quarantine(self, reason: str) -> None:
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1

@@ -34,6 +34,7 @@ from node.auth import DeviceGate
 from node.bridge import Bridge
 from node.broker import NodeBroker, NodeProtocolHandler, broker_config
 from node.config import Settings, parse_bind
+from node.energy import build_energy, run_energy
 from node.fastpath import FastProtocolHandler
 from node.faults import FaultHooks, FaultyStore
 from node.forwarding import build_forwarding, check_forwarding, run_forwarding
@@ -105,6 +106,8 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     alerts = build_alerts(settings, store, stats.alerts)
     alerts_done = anyio.Event()
     alert_sink = alerts.signal if alerts is not None else None
+    # Energy per period (node/energy.py): follows the telemetry table, never on the ingest path.
+    energy = build_energy(settings, db, store, stats.energy)
     router = _router(settings, ingest_store, writer, stats, faults, alerts=alert_sink)
     # Forwarders and retention (node/forwarding.py): off unless configured; never in ingest's way.
     forwarding = build_forwarding(settings, db, stats, alert_sink)
@@ -130,6 +133,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
         async with anyio.create_task_group() as tg:
             tg.start_soon(_run_writer, writer, writer_done, name="storage-writer")
             tg.start_soon(run_alerts, alerts, alerts_done, name="alerts")
+            tg.start_soon(run_energy, energy, name="energy")
             await tg.start(router.run, name="router")
             readiness["storage"] = await reader.ping()
             tg.start_soon(run_forwarding, forwarding, name="forwarding")
@@ -157,6 +161,8 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             tg.cancel_scope.cancel()
     finally:
         writer.fail_pending()
+        if energy is not None:
+            energy[1].close()
         reader.close()
         store.close()
         log.info("stopped")

@@ -148,6 +148,14 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30.0, ge=0)
     retention_interval_s: float = Field(default=300.0, gt=0)
     retention_batch_rows: int = Field(default=1000, ge=1, le=100_000)
+    # Energy per period (docs/energy.md):
+    #: Compute consumed and regenerated energy per 5-minute period from the telemetry.
+    energy_enabled: bool = True
+    #: Two readings further apart than this do not count: the energy between them is not
+    #: spread over the periods, which are then incomplete (5 min to 1 day).
+    energy_max_interval_s: float = Field(default=3600.0, ge=300, le=86400)
+    #: How often the energy aggregator looks for new telemetry once it has caught up.
+    energy_poll_s: float = Field(default=1.0, gt=0, le=3600)
 
     @classmethod
     def settings_customise_sources(

@@ -15,6 +15,10 @@ from storage.records import (
     Backlog,
     DeviceBatch,
     DeviceStateRecord,
+    EnergyInput,
+    EnergyNeighbours,
+    EnergyPeriod,
+    EnergyReading,
     PruneResult,
     RetentionPolicy,
 )
@@ -85,4 +89,29 @@ class ForwardSink[T](Protocol):
 class RetentionStore(Protocol):
     async def prune_step(self, policy: RetentionPolicy, forwarded_before: float, limit: int) -> PruneResult:
         """Delete at most *limit* rows of one table that retention allows (:mod:`storage.retention`)."""
+        ...
+
+
+class EnergyStore(Protocol):
+    """What the energy aggregator (``actors.energy_aggregator``) reads and writes."""
+
+    async def energy_cursor(self) -> int:
+        """The last telemetry rowid already aggregated (0 before the first run)."""
+        ...
+
+    async def new_readings(self, after: int, limit: int) -> list[EnergyInput]:
+        """Up to *limit* telemetry rows with a rowid above *after*, in rowid order."""
+        ...
+
+    async def neighbours(self, keys: Sequence[tuple[str, int, int]], old_until: int) -> list[EnergyNeighbours]:
+        """For each ``(device_id, boot, seq)``: its neighbours now and among rowids <= *old_until*."""
+        ...
+
+    async def window_readings(self, windows: Sequence[tuple[str, int, int]]) -> list[list[EnergyReading]]:
+        """For each ``(device_id, start_ms, end_ms)``: every reading an interval touching it needs."""
+        ...
+
+    async def save_energy(self, periods: Sequence[tuple[str, EnergyPeriod]], position: int) -> int:
+        """Write the changed periods and move the cursor to *position*, in one transaction;
+        returns how many periods changed. Raises :class:`storage.errors.StorageError`."""
         ...

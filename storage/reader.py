@@ -19,8 +19,9 @@ from typing import Any
 
 import anyio
 
+from storage.energy import energy_series
 from storage.errors import StorageError
-from storage.records import AlertRecord, DeviceStateRecord
+from storage.records import AlertRecord, DeviceStateRecord, EnergyPeriod
 from storage.sqlite import SELECT_ALERTS, alert_from_row, load_device_state
 
 
@@ -263,6 +264,10 @@ class Reader:
             return None if row is None else alert_from_row(row)
 
         return await self._run(q)
+
+    async def energy(self, device_id: str, start_ms: int, end_ms: int, size_ms: int) -> list[EnergyPeriod]:
+        """A device's energy per period of *size_ms* over ``[start_ms, end_ms)``, every period, oldest first."""
+        return await self._run(lambda c: energy_series(c, device_id, start_ms, end_ms, size_ms))
 
     async def ping(self) -> bool:
         return await self._run(lambda c: c.execute("SELECT 1").fetchone() == (1,))

@@ -183,3 +183,56 @@ class PruneResult:
     @property
     def total(self) -> int:
         return sum(self.changed.values())
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyReading:
+    """The energy registers of one stored reading: what the energy aggregator works from."""
+
+    boot: int
+    seq: int
+    ts_ms: int
+    import_kwh: float
+    export_kwh: float
+    #: AC meters only; None when the reading has no reactive registers.
+    reactive_import_kvarh: float | None = None
+    reactive_export_kvarh: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyPeriod:
+    """The energy of one device in one 5-minute period (``docs/energy.md``).
+
+    ``complete`` is true only when readings cover the whole period (``covered_ms``) and no
+    uncertain interval (a sequence gap, readings more than a period apart, a missing reactive
+    register) was used in it. Reactive sums are None when no interval with reactive registers
+    touched the period.
+    """
+
+    start_ms: int
+    consumed_kwh: float
+    regenerated_kwh: float
+    reactive_import_kvarh: float | None
+    reactive_export_kvarh: float | None
+    covered_ms: int
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyInput:
+    """A telemetry row the energy aggregator has not seen yet: its rowid (the cursor), device and registers."""
+
+    rowid: int
+    device_id: str
+    reading: EnergyReading
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyNeighbours:
+    """The ``seq`` neighbours of a reading within its boot: now, and among the rows up to the
+    aggregator's previous cursor position (before the batch being processed arrived)."""
+
+    pred: EnergyReading | None
+    succ: EnergyReading | None
+    old_pred: EnergyReading | None
+    old_succ: EnergyReading | None

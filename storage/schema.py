@@ -129,6 +129,29 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 
     CREATE INDEX IF NOT EXISTS quarantine_by_raw ON quarantine (raw_id);
     """,
+    # 6 (4 is another branch's; the lead orders them when merging): energy per 5-minute period
+    # (ADR 0008) and the shared cursor table. The cursors statement is the same in the
+    # forwarders' migration (5), so either may create it first.
+    """
+    CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, source TEXT NOT NULL,
+        position INTEGER NOT NULL DEFAULT 0, updated_at TEXT NOT NULL);
+
+    -- One row per device and period that has energy or coverage. A missing row is an empty,
+    -- incomplete period. `rev` grows with every change, for whoever forwards the periods.
+    CREATE TABLE energy_periods (
+        device_id             TEXT NOT NULL,
+        start_ms              INTEGER NOT NULL,
+        consumed_kwh          REAL NOT NULL,
+        regenerated_kwh       REAL NOT NULL,
+        reactive_import_kvarh REAL,
+        reactive_export_kvarh REAL,
+        covered_ms            INTEGER NOT NULL,
+        complete              INTEGER NOT NULL,
+        rev                   INTEGER NOT NULL,
+        PRIMARY KEY (device_id, start_ms)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX energy_periods_by_rev ON energy_periods (rev);
+    """,
 )
 
 

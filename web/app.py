@@ -18,7 +18,7 @@ from web.context import install
 from web.errors import register_error_handlers
 from web.metrics import build_registry
 from web.openapi import NodeOpenAPIProvider
-from web.routes import alerts, devices, events, forwarders, operations, quarantine, telemetry
+from web.routes import alerts, devices, energy, events, forwarders, operations, quarantine, telemetry
 from web.services import WebServices
 
 TITLE: Final = "depot-node"
@@ -52,6 +52,15 @@ def create_app(services: WebServices) -> Quart:
     )
     install(app, services, build_registry(services.stats))
     register_error_handlers(app)
-    for blueprint in (operations.bp, devices.bp, events.bp, telemetry.bp, quarantine.bp, alerts.bp, forwarders.bp):
+    for blueprint in (
+        operations.bp,
+        devices.bp,
+        events.bp,
+        telemetry.bp,
+        energy.bp,
+        quarantine.bp,
+        alerts.bp,
+        forwarders.bp,
+    ):
         app.register_blueprint(blueprint)
     return app

@@ -42,6 +42,7 @@ BAD_CURSOR: Final = _TAG + "bad-cursor"
 DEVICE_EXISTS: Final = _TAG + "device-exists"
 NOT_READY: Final = _TAG + "not-ready"
 ALERT_CLEARED: Final = _TAG + "alert-cleared"
+RANGE_TOO_LARGE: Final = _TAG + "range-too-large"
 
 
 class ApiError(Exception):

@@ -54,6 +54,10 @@ FORWARD_ROWS: Final = PREFIX + "forward_rows"
 FORWARD_FAILURES: Final = PREFIX + "forward_failures"
 FORWARD_ROWS_DROPPED: Final = PREFIX + "forward_rows_dropped"
 RETENTION_DELETED: Final = PREFIX + "retention_deleted_rows"
+ENERGY_READINGS: Final = PREFIX + "energy_readings"
+ENERGY_PERIODS_WRITTEN: Final = PREFIX + "energy_periods_written"
+ENERGY_FAILURES: Final = PREFIX + "energy_failures"
+ENERGY_CURSOR: Final = PREFIX + "energy_cursor_position"
 
 
 class IngestCollector(Collector):
@@ -111,6 +115,12 @@ class IngestCollector(Collector):
             "Alert signals lost because the alert actor's mailbox was full.",
             s.alerts.signals_dropped,
         )
+        yield _counter(ENERGY_READINGS, "Telemetry rows taken into energy per period.", s.energy.readings)
+        yield _counter(
+            ENERGY_PERIODS_WRITTEN, "Energy periods written or rewritten (late readings).", s.energy.periods_written
+        )
+        yield _counter(ENERGY_FAILURES, "Energy aggregation attempts that failed on storage.", s.energy.failures)
+        yield _gauge(ENERGY_CURSOR, "The last telemetry rowid taken into energy per period.", s.energy.position)
         yield from _forwarder_metrics(s)
 
 

@@ -430,3 +430,59 @@ class ForwarderList(BaseModel):
     """Every forwarder the node knows, enabled or not, by name."""
 
     items: list[ForwarderStatus]
+
+
+# -- energy -------------------------------------------------------------------------------------
+
+EnergyPeriodName = Literal["5m", "1h", "1d"]
+
+
+class EnergyQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    from_: Rfc3339 | None = Field(
+        default=None, alias="from", description="first period: the one holding this time (default: `to` minus a span)"
+    )
+    to: Rfc3339 | None = Field(default=None, description="periods that begin before this time (default: now)")
+    period: EnergyPeriodName = Field(default="5m", description="period length, aligned to UTC")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.from_ is not None and self.to is not None and self.from_ >= self.to:
+            msg = "'from' must be before 'to'"
+            raise ValueError(msg)
+        return self
+
+
+class _EnergyItemBase(BaseModel):
+    start: Timestamp
+    end: Timestamp
+    #: Energy drawn from the supply (import register).
+    consumed_kwh: float
+    #: Energy fed back by regenerative braking (export register).
+    regenerated_kwh: float
+    #: Seconds of the period covered by counted readings.
+    covered_s: float
+    #: True only when readings cover the whole period and nothing in it is uncertain (no
+    #: sequence gap, reboot, decreasing register or readings more than 5 minutes apart).
+    complete: bool
+
+
+class EnergyItem(_EnergyItemBase):
+    """The energy of a DC meter in one period."""
+
+
+class AcEnergyItem(_EnergyItemBase):
+    """The energy of an AC meter in one period, with reactive energy (null when its readings
+    had no reactive registers)."""
+
+    reactive_import_kvarh: float | None
+    reactive_export_kvarh: float | None
+
+
+class EnergyPage(BaseModel):
+    """Every period of the range, oldest first; a period without readings is 0 and incomplete."""
+
+    device_id: str
+    period: EnergyPeriodName
+    items: list[AcEnergyItem] | list[EnergyItem]
