@@ -47,7 +47,7 @@ MARK_EVERY_S = 60.0
 
 @dataclass(frozen=True, slots=True)
 class ForwarderConfig:
-    #: ``influxdb`` / ``s3``: the cursor's name, the metric label, the alert's ``device_id``.
+    #: ``influxdb`` / ``influxdb-energy`` / ``s3``: the cursor's name, the metric label, the alert's ``device_id``.
     name: str
     batch_rows: int = 5000
     #: How long to wait before looking again when there was nothing to send.

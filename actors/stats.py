@@ -82,7 +82,7 @@ class IngestStats:
     acl_denied: dict[str, int] = field(default_factory=dict)
     connections: int = 0
     alerts: AlertStats = field(default_factory=AlertStats)
-    #: Forwarder name ("influxdb", "s3") → its stats; every known forwarder, enabled or not.
+    #: Forwarder name ("influxdb", "influxdb-energy", "s3") → its stats; every known forwarder, enabled or not.
     forwarders: dict[str, ForwarderStats] = field(default_factory=dict)
     #: Rows deleted by retention, per table (``raw_payloads``: payloads emptied).
     retention_deleted: dict[str, int] = field(default_factory=dict)

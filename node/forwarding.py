@@ -6,6 +6,11 @@ and the retention actor under its own supervisor in the root task group. They on
 committed rows and write their cursors in short transactions of their own, so the node stops
 them by cancelling them, at any point: what was not confirmed is sent again by the next run.
 
+With ``energy_enabled`` as well, the InfluxDB forwarder has a second stream, ``influxdb-energy``:
+the energy periods (``energy_periods``, cursor position = the last ``rev`` sent) as the
+``energy`` measurement, to the same bucket, with its own cursor, retries, backlog, status and
+metrics. A period that changes (a late reading) is sent again and overwrites its point.
+
 A forwarder or retention that crashes past its restart limit stays down (logged) and ingest goes
 on, like the alert actor. Both forwarders are off unless enabled: a node with nothing configured
 opens no connection and starts no task here.
@@ -29,9 +34,11 @@ from actors.retention import RetentionActor, RetentionConfig
 from actors.stats import ForwarderStats, IngestStats
 from actors.supervisor import Restart, RestartIntensityExceeded, RestartPolicy, supervise
 from node.config import Settings
+from storage.energy import CURSOR_NAME as ENERGY_CURSOR
+from storage.energy import EnergyChange
 from storage.errors import ConfigError
-from storage.influx_sink import InfluxSink
-from storage.outbox import Outbox, RawSource, TelemetrySource
+from storage.influx_sink import InfluxSink, energy_change_line
+from storage.outbox import EnergySource, Outbox, RawSource, TelemetrySource
 from storage.records import RetentionPolicy
 from storage.retention import RetentionStore
 from storage.s3_sink import S3Sink
@@ -39,9 +46,11 @@ from storage.s3_sink import S3Sink
 log = logging.getLogger(__name__)
 
 INFLUXDB: Final = "influxdb"
+#: The InfluxDB forwarder's energy stream: on when both ``influxdb_enabled`` and ``energy_enabled``.
+INFLUXDB_ENERGY: Final = "influxdb-energy"
 S3: Final = "s3"
 #: Every forwarder the node knows, enabled or not (``GET /api/v1/forwarders`` lists them all).
-FORWARDERS: Final = (INFLUXDB, S3)
+FORWARDERS: Final = (INFLUXDB, INFLUXDB_ENERGY, S3)
 
 RESTART_POLICY: Final = RestartPolicy(
     restart=Restart.TRANSIENT, max_restarts=10, period=300.0, backoff_initial=1.0, backoff_max=60.0
@@ -153,6 +162,8 @@ def build_forwarding(
     fw = Forwarding(db=db)
     if settings.influxdb_enabled:
         fw.children[INFLUXDB] = _influx_child(settings, fw, stats.forwarders[INFLUXDB], alerts)
+        if settings.energy_enabled:
+            fw.children[INFLUXDB_ENERGY] = _influx_energy_child(settings, fw, stats.forwarders[INFLUXDB_ENERGY], alerts)
     if settings.s3_enabled:
         fw.children[S3] = _s3_child(settings, fw, stats.forwarders[S3], alerts, clock)
     if not fw.children:
@@ -188,6 +199,27 @@ def _influx_child(settings: Settings, fw: Forwarding, stats: ForwarderStats, ale
     return run
 
 
+def _influx_energy_child(settings: Settings, fw: Forwarding, stats: ForwarderStats, alerts: AlertSink | None) -> Child:
+    """The energy stream: like :func:`_influx_child`, on ``energy_periods`` by ``rev``."""
+    token = influx_token(settings)
+    config = forwarder_config(settings, INFLUXDB_ENERGY, settings.influxdb_batch_rows)
+
+    async def run() -> None:
+        source = EnergySource(fw.open_outbox(), INFLUXDB_ENERGY)
+        async with InfluxSink[EnergyChange](
+            settings.influxdb_url or "",
+            settings.influxdb_org or "",
+            settings.influxdb_bucket or "",
+            token,
+            timeout_s=settings.influxdb_timeout_s,
+            gzip=settings.influxdb_gzip,
+            line=energy_change_line,
+        ) as sink:
+            await Forwarder(source, sink, config, stats, alerts=alerts).run()
+
+    return run
+
+
 def _s3_child(
     settings: Settings, fw: Forwarding, stats: ForwarderStats, alerts: AlertSink | None, clock: Callable[[], float]
 ) -> Child:
@@ -215,17 +247,25 @@ def _s3_child(
 def retention_policy(settings: Settings) -> RetentionPolicy:
     """Who guards which source (the rule: :mod:`storage.retention`).
 
-    A consumer of another branch of the node (the energy aggregator, cursor ``energy`` on
-    telemetry) guards through its cursor row; while enabled it belongs in ``required`` too, so
-    that it guards before its first cursor write, and when switched off in ``disabled``.
+    The energy aggregator (cursor ``energy`` on telemetry) guards through its cursor row; while
+    ``energy_enabled`` it is in ``required`` too, so that it guards before its first cursor
+    write (a fresh node, or one that had energy off), and when switched off in ``disabled``, so
+    that a cursor it left behind does not hold telemetry forever. The energy stream's cursor
+    (``influxdb-energy``) is on ``energy_periods``, which retention never deletes.
     """
-    enabled = {INFLUXDB: settings.influxdb_enabled, S3: settings.s3_enabled}
+    enabled = {
+        INFLUXDB: settings.influxdb_enabled,
+        INFLUXDB_ENERGY: settings.influxdb_enabled and settings.energy_enabled,
+        S3: settings.s3_enabled,
+        ENERGY_CURSOR: settings.energy_enabled,
+    }
     return RetentionPolicy(
         forwarders={
             "telemetry": frozenset({INFLUXDB}) if settings.influxdb_enabled else frozenset(),
             "raw_messages": frozenset({S3}) if settings.s3_enabled else frozenset(),
         },
         disabled=frozenset(name for name, on in enabled.items() if not on),
+        required={"telemetry": frozenset({ENERGY_CURSOR})} if settings.energy_enabled else {},
     )
 
 

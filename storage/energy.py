@@ -303,6 +303,11 @@ class EnergyChange:
     device_type: str | None
     period: EnergyPeriod
 
+    @property
+    def id(self) -> int:
+        """The forwarders' position (:class:`storage.interfaces.Forwardable`): the ``rev``."""
+        return self.rev
+
 
 def energy_changes(conn: sqlite3.Connection, after_rev: int, limit: int) -> list[EnergyChange]:
     """Periods changed after *after_rev*, oldest change first: what a forwarder reads by cursor

@@ -7,6 +7,10 @@ measurement, tags and time, so sending a batch again overwrites the same points 
 values: replays are idempotent. (Two readings of one device with the same millisecond would
 share a point; a meter's clock gives every reading its own.)
 
+The same sink writes energy periods (measurement ``energy``, :func:`energy_change_line`, built by
+:func:`storage.energy_influx.energy_line`) for the second InfluxDB stream: an :class:`InfluxSink`
+is generic in what it sends and takes the function that makes a row's line.
+
 The token is handed to the client and to nothing else: it is never logged, and the errors
 raised here (:class:`storage.errors.SinkError`) carry the HTTP status and InfluxDB's message,
 never the request's headers.
@@ -16,15 +20,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, overload
 
 import aiohttp
 import anyio
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.rest import ApiException
 
+from storage.energy import EnergyChange
+from storage.energy_influx import energy_line
 from storage.errors import SinkError
 from storage.records import TelemetryOut
 
@@ -59,6 +65,11 @@ def to_line(row: TelemetryOut) -> str:
     return f"{measurement},{tags} {','.join(fields)} {row.ts_ms}"
 
 
+def energy_change_line(change: EnergyChange) -> str:
+    """A changed energy period as a line of the ``energy`` measurement, timestamp in milliseconds."""
+    return energy_line(change.device_id, change.period, device_type=change.device_type, precision=PRECISION)
+
+
 def retry_after_seconds(value: str | None) -> float | None:
     """``Retry-After`` as seconds (the delta-seconds form; an HTTP date is taken as unknown)."""
     if value is None:
@@ -70,10 +81,41 @@ def retry_after_seconds(value: str | None) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-class InfluxSink:
-    """Writes batches of readings to one bucket; use as ``async with InfluxSink(...) as sink``."""
+class InfluxSink[T]:
+    """Writes batches of rows to one bucket; use as ``async with InfluxSink(...) as sink``.
 
-    def __init__(self, url: str, org: str, bucket: str, token: str, *, timeout_s: float, gzip: bool) -> None:
+    Rows are readings (:func:`to_line`) unless *line* says how to write them."""
+
+    @overload
+    def __init__(
+        self: InfluxSink[TelemetryOut], url: str, org: str, bucket: str, token: str, *, timeout_s: float, gzip: bool
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        url: str,
+        org: str,
+        bucket: str,
+        token: str,
+        *,
+        timeout_s: float,
+        gzip: bool,
+        line: Callable[[T], str],
+    ) -> None: ...
+
+    def __init__(
+        self,
+        url: str,
+        org: str,
+        bucket: str,
+        token: str,
+        *,
+        timeout_s: float,
+        gzip: bool,
+        line: Callable[[Any], str] = to_line,
+    ) -> None:
+        self._line: Callable[[T], str] = line
         self._url = url
         self._org = org
         self._bucket = bucket
@@ -100,10 +142,10 @@ class InfluxSink:
             with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
                 await client.close()
 
-    async def send(self, rows: Sequence[TelemetryOut]) -> None:
+    async def send(self, rows: Sequence[T]) -> None:
         if self._client is None:
             raise RuntimeError("InfluxSink used outside its async with block")
-        lines = [to_line(r) for r in rows]
+        lines = [self._line(r) for r in rows]
         try:
             await self._client.write_api().write(
                 bucket=self._bucket, org=self._org, record="\n".join(lines), write_precision=PRECISION

@@ -3,6 +3,10 @@
 Two sources can be forwarded, each a table read by rowid: ``telemetry`` (to InfluxDB) and
 ``raw_messages`` (every accepted or quarantined payload, to the S3 archive). A consumer's
 cursor (table ``cursors``, shared with the energy aggregator) holds the last rowid it consumed.
+A third source, ``energy_periods`` (to InfluxDB's ``energy`` measurement), is read by ``rev``
+instead: every change of a period gives it the next ``rev`` (:func:`storage.energy.energy_changes`),
+so a cursor on it holds the last ``rev`` sent, and a period that changes again is sent again.
+Retention never deletes energy periods, so only the rowid sources are in :data:`SOURCES`.
 
 Reads go through a read-only connection of the outbox's own, so a forwarder draining a large
 backlog never queues behind API reads and never touches the ingest writer's connection.
@@ -29,16 +33,23 @@ from typing import Final, Literal
 
 import anyio
 
+from storage.energy import EnergyChange, energy_changes
 from storage.errors import StorageError
 from storage.records import Backlog, RawOut, TelemetryOut
 
+#: The sources retention prunes (by rowid).
 Source = Literal["telemetry", "raw_messages"]
 SOURCES: Final[tuple[Source, ...]] = ("telemetry", "raw_messages")
+#: Every source a forwarder's cursor can follow, and the column its position counts.
+CursorTable = Literal["telemetry", "raw_messages", "energy_periods"]
+_POSITION_COLUMN: Final[dict[CursorTable, str]] = {"telemetry": "id", "raw_messages": "id", "energy_periods": "rev"}
 
 #: How many of the newest rows the backlog's bytes-per-row estimate averages over.
 _SIZE_SAMPLE: Final = 256
 #: A row's size in SQLite beyond its payload columns (rowid, integers, device id, page overhead).
 _ROW_OVERHEAD: Final = 48
+#: An energy period row with its ``rev`` index entry (device id, eight numbers, page overhead).
+_ENERGY_ROW_BYTES: Final = 128
 
 
 def utc_now_text() -> str:
@@ -81,7 +92,7 @@ class Outbox:
         """The last rowid *name* consumed (0 when it never confirmed anything)."""
         return await self._reading(lambda c: cursor_position(c, name))
 
-    async def save_position(self, name: str, source: Source, position: int, *, mark_at: float | None) -> int:
+    async def save_position(self, name: str, source: CursorTable, position: int, *, mark_at: float | None) -> int:
         """Move *name*'s cursor forward to *position* (never back); returns the cursor after.
 
         With *mark_at* (wall time, epoch seconds) a mark records when this position was reached.
@@ -103,19 +114,21 @@ class Outbox:
 
         return await self._writing(run)
 
-    async def drop_oldest(self, name: str, source: Source, after: int, rows: int) -> int:
+    async def drop_oldest(self, name: str, source: CursorTable, after: int, rows: int) -> int:
         """Skip the oldest *rows* rows after *after* (the disk-budget drop policy): the cursor moves
         past them with a mark at time 0, so retention may delete them at once. Returns the new
         position (``after`` when there was nothing to skip)."""
 
+        key = _POSITION_COLUMN[source]
+
         def find(c: sqlite3.Connection) -> int:
             row = c.execute(
-                f"SELECT id FROM {source} WHERE id > ? ORDER BY id LIMIT 1 OFFSET ?",  # noqa: S608 - a Literal table
+                f"SELECT {key} FROM {source} WHERE {key} > ? ORDER BY {key} LIMIT 1 OFFSET ?",  # noqa: S608 - Literals
                 (after, rows - 1),
             ).fetchone()
             if row is not None:
                 return int(row[0])
-            return int(c.execute(f"SELECT coalesce(max(id), ?) FROM {source}", (after,)).fetchone()[0])  # noqa: S608
+            return int(c.execute(f"SELECT coalesce(max({key}), ?) FROM {source}", (after,)).fetchone()[0])  # noqa: S608
 
         target = await self._reading(find)
         if target <= after:
@@ -170,8 +183,14 @@ class Outbox:
 
         return await self._reading(run)
 
-    async def backlog(self, source: Source, after: int) -> Backlog:
-        """How much of *source* lies after rowid *after* (cheap: a few index seeks and a sample)."""
+    async def energy_after(self, after: int, limit: int) -> list[EnergyChange]:
+        """Up to *limit* energy periods changed after ``rev`` *after*, oldest change first."""
+        return await self._reading(lambda c: energy_changes(c, after, limit))
+
+    async def backlog(self, source: CursorTable, after: int) -> Backlog:
+        """How much of *source* lies after rowid (``rev``) *after* (cheap: a few index seeks and a sample)."""
+        if source == "energy_periods":
+            return await self._reading(lambda c: energy_backlog(c, after))
         return await self._reading(lambda c: backlog(c, source, after))
 
 
@@ -204,6 +223,17 @@ def backlog(conn: sqlite3.Connection, source: Source, after: int) -> Backlog:
     )
 
 
+def energy_backlog(conn: sqlite3.Connection, after: int) -> Backlog:
+    """The energy period changes after ``rev`` *after*. Periods have no receipt time, so
+    ``oldest_at`` is None: their age is not a node-side fact (a late reading rewrites an old one)."""
+    newest = int(conn.execute("SELECT coalesce(max(rev), 0) FROM energy_periods").fetchone()[0])
+    if newest <= after:
+        return Backlog(rows=0, bytes=0, oldest_at=None, newest_id=newest)
+    # Not newest - after: a period changed twice keeps only its latest rev (counted once).
+    rows = int(conn.execute("SELECT count(*) FROM energy_periods WHERE rev > ?", (after,)).fetchone()[0])
+    return Backlog(rows=rows, bytes=rows * _ENERGY_ROW_BYTES, oldest_at=None, newest_id=newest)
+
+
 _UPSERT_CURSOR = """
     INSERT INTO cursors (name, source, position, updated_at) VALUES (?, ?, ?, ?)
     ON CONFLICT (name) DO UPDATE SET
@@ -226,10 +256,10 @@ async def run_in_thread[T](
 class CursorSource:
     """One consumer's view of a source: its cursor *name* over table *source*."""
 
-    def __init__(self, outbox: Outbox, name: str, source: Source) -> None:
+    def __init__(self, outbox: Outbox, name: str, source: CursorTable) -> None:
         self._outbox = outbox
         self.name = name
-        self.source: Source = source
+        self.source: CursorTable = source
 
     async def position(self) -> int:
         return await self._outbox.position(self.name)
@@ -252,6 +282,17 @@ class TelemetrySource(CursorSource):
 
     async def next_batch(self, after: int, limit: int) -> list[TelemetryOut]:
         return await self._outbox.telemetry_after(after, limit)
+
+
+class EnergySource(CursorSource):
+    """The ``energy_periods`` table as a forwarder's source, under cursor *name*: the position is
+    the last ``rev`` sent (see the module docs)."""
+
+    def __init__(self, outbox: Outbox, name: str) -> None:
+        super().__init__(outbox, name, "energy_periods")
+
+    async def next_batch(self, after: int, limit: int) -> list[EnergyChange]:
+        return await self._outbox.energy_after(after, limit)
 
 
 class RawSource(CursorSource):

@@ -125,7 +125,7 @@ class IngestCollector(Collector):
 
 
 def _forwarder_metrics(s: IngestStats) -> Iterable[Metric]:
-    # Label `forwarder`: the node's fixed set of forwarders (influxdb, s3), enabled or not.
+    # Label `forwarder`: the node's fixed set of forwarders (influxdb, influxdb-energy, s3), enabled or not.
     now = time.time()
     fw = s.forwarders
     yield _labelled_gauge(

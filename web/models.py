@@ -375,7 +375,7 @@ class NotReady(Problem):
 
 
 class ForwarderStatus(BaseModel):
-    """One forwarder (``influxdb``, ``s3``): where it is, what is behind, how it went last.
+    """One forwarder (``influxdb``, ``influxdb-energy``, ``s3``): where it is, what is behind, how it went last.
 
     The backlog figures are measured every ``forward_monitor_interval_s`` (``checked_at``).
     """

@@ -20,7 +20,7 @@ from node.app import run_node
 from node.config import Settings
 from storage.errors import ConfigError
 from tests.integration.conftest import Device, RunningNode, devices, make_admin_key, node, start_node, stop_node
-from tests.payloads import telemetry
+from tests.payloads import BASE_TS, telemetry
 
 from .influx_fake import BUCKET, ORG, TOKEN, FakeInflux
 
@@ -83,6 +83,20 @@ async def forwarders(node: RunningNode) -> dict[str, dict[str, Any]]:
     return {item["name"]: item for item in body["items"]}
 
 
+def telemetry_points(fake: FakeInflux) -> dict[Any, dict[str, Any]]:
+    """The readings' points (the energy stream's ``energy`` points left out)."""
+    return {key: fields for key, fields in fake.points.items() if key[0] != "energy"}
+
+
+def energy_points(fake: FakeInflux) -> dict[tuple[str, int], float]:
+    """(device id, period start ms) → consumed kWh of the ``energy`` points."""
+    return {
+        (dict(tags)["device_id"], ts): float(fields["consumed_kwh"])
+        for (measurement, tags, ts), fields in fake.points.items()
+        if measurement == "energy"
+    }
+
+
 async def eventually(check: Any, seconds: float = 60.0) -> None:
     with anyio.fail_after(seconds):
         while not await check():
@@ -91,7 +105,7 @@ async def eventually(check: Any, seconds: float = 60.0) -> None:
 
 async def test_a_default_node_forwards_nothing(node: RunningNode) -> None:
     items = await forwarders(node)
-    assert sorted(items) == ["influxdb", "s3"]
+    assert sorted(items) == ["influxdb", "influxdb-energy", "s3"]
     for item in items.values():
         assert item["enabled"] is False
         assert item["rows_behind"] is None
@@ -116,11 +130,26 @@ async def test_node_forwards_to_influxdb_and_s3(
             return items["influxdb"]["rows_forwarded"] == 150 and items["s3"]["rows_forwarded"] == 150
 
         await eventually(all_forwarded)
+        # The energy stream: readings at 16:05:00 + seq s, energy_import_kwh rising 1 kWh a reading,
+        # so one 5-minute period per device; a period rewritten as readings came in overwrites its point.
+        start_ms = int(BASE_TS.timestamp() * 1000)
+
+        async def energy_forwarded() -> bool:
+            return energy_points(influx) == {
+                ("emu-1", start_ms): pytest.approx(119.0),
+                ("emu-2", start_ms): pytest.approx(29.0),
+            }
+
+        await eventually(energy_forwarded)
         items = await forwarders(node)
         async with node.http() as client:
             metrics = (await client.get("/metrics")).text
         await stop_node(node)
-    assert len(influx.points) == 150
+    assert len(telemetry_points(influx)) == 150
+    energy = items["influxdb-energy"]
+    assert (energy["enabled"], energy["failures"], energy["last_error"]) == (True, 0, None)
+    assert energy["rows_forwarded"] >= 2
+    assert re.search(r'depot_node_forward_rows_total\{forwarder="influxdb-energy"\} [1-9]', metrics)
     assert items["influxdb"] | {"last_success_at": None, "checked_at": None} == {
         "name": "influxdb",
         "enabled": True,
@@ -191,10 +220,10 @@ async def test_outage_across_a_node_restart_loses_nothing(
 
         await eventually(drained)
         await stop_node(node)
-    confirmed = len(influx.points)
+    confirmed = len(telemetry_points(influx))
     print(f"rows sent={sent} confirmed by the sink={confirmed} missing={sent - confirmed}")  # noqa: T201 - asked for
     assert confirmed == sent
-    seqs = sorted(fields["seq"] for fields in influx.points.values())
+    seqs = sorted(fields["seq"] for fields in telemetry_points(influx).values())
     assert seqs == list(range(600))
 
 
@@ -252,7 +281,7 @@ async def test_token_file_is_read(tmp_path: Path, influx: FakeInflux, devices: l
 
         await eventually(forwarded)
         await stop_node(node)
-    assert len(influx.points) == 5
+    assert len(telemetry_points(influx)) == 5
 
 
 async def test_forwarders_route_needs_a_key(node: RunningNode) -> None:

@@ -14,8 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.retention import DAY_S, RetentionActor, RetentionConfig
+from node.config import Settings
+from node.forwarding import INFLUXDB_ENERGY, retention_policy
+from storage.energy import CURSOR_NAME as ENERGY_CURSOR
 from storage.outbox import Outbox
-from storage.records import RetentionPolicy
+from storage.records import PruneResult, RetentionPolicy
 from storage.retention import RetentionStore, retention_bound
 from storage.schema import migrate
 from storage.sqlite import SqliteStore
@@ -128,8 +131,27 @@ async def test_ingest_goes_on_while_a_large_table_is_pruned(store: SqliteStore, 
     retention = RetentionStore(db_path)
     deleted: dict[str, int] = {}
     latencies: list[float] = []
+    commits = {"started": 0, "done": 0}
+    committed = anyio.Condition()
+    steps = 0
+
+    class Interleaved:
+        """The store, but each step returns only once a commit that began after it is done: on a
+        busy machine the pruning cannot outrun ingest, so every step meets a commit (event-driven,
+        not a count of commits within wall time)."""
+
+        async def prune_step(self, policy: RetentionPolicy, forwarded_before: float, limit: int) -> PruneResult:
+            nonlocal steps
+            result = await retention.prune_step(policy, forwarded_before, limit)
+            steps += 1
+            wanted = commits["started"] + 1
+            async with committed:
+                while commits["done"] < wanted:
+                    await committed.wait()
+            return result
+
     actor = RetentionActor(
-        retention, INFLUX_ONLY, RetentionConfig(days=1, batch_rows=1000, pause=0.001), deleted, clock=lambda: NOW
+        Interleaved(), INFLUX_ONLY, RetentionConfig(days=1, batch_rows=1000, pause=0.001), deleted, clock=lambda: NOW
     )
     try:
         async with anyio.create_task_group() as tg:
@@ -138,9 +160,13 @@ async def test_ingest_goes_on_while_a_large_table_is_pruned(store: SqliteStore, 
             async def ingest() -> None:
                 seq = rows
                 while not done.is_set():
+                    commits["started"] += 1
                     started = time.perf_counter()
                     await commit_readings(store, "emu-2", range(seq, seq + 10))
                     latencies.append(time.perf_counter() - started)
+                    async with committed:
+                        commits["done"] += 1
+                        committed.notify_all()
                     seq += 10
                     await anyio.sleep(0.005)
 
@@ -150,10 +176,11 @@ async def test_ingest_goes_on_while_a_large_table_is_pruned(store: SqliteStore, 
     finally:
         retention.close()
     assert deleted["telemetry"] == rows  # all forwarded; the newest row is one of emu-2's
-    # Ingest committed all along: many commits during the pruning, none held up for long.
+    # Ingest committed all along: a commit after every step, none held up for long.
     latencies.sort()
     p50, worst = latencies[len(latencies) // 2] * 1000, latencies[-1] * 1000
-    print(f"commits during pruning={len(latencies)} p50={p50:.1f} ms max={worst:.1f} ms")  # noqa: T201
+    print(f"steps={steps} commits during pruning={len(latencies)} p50={p50:.1f} ms max={worst:.1f} ms")  # noqa: T201
+    assert steps >= rows // 1000
     assert len(latencies) >= 20
     assert latencies[-1] < 2.0
 
@@ -200,3 +227,36 @@ def test_the_bound_is_the_lowest_guard(
     if energy_state != "off":
         guards.append(energy if energy is not None else (0 if energy_state == "required" else rows))
     assert bound == max(0, min(guards))
+
+
+# -- the energy aggregator's cursor in the node's policy (node.forwarding.retention_policy) ----------
+
+
+def node_policy(**overrides: object) -> RetentionPolicy:
+    base: dict[str, object] = {"influxdb_enabled": True, "influxdb_url": "http://127.0.0.1:1", "energy_enabled": True}
+    return retention_policy(Settings.model_validate(base | overrides))
+
+
+def test_energy_is_required_when_enabled_and_disabled_when_off() -> None:
+    on = node_policy()
+    assert on.required == {"telemetry": frozenset({ENERGY_CURSOR})}
+    assert ENERGY_CURSOR not in on.disabled
+    off = node_policy(energy_enabled=False)
+    assert off.required == {}
+    assert ENERGY_CURSOR in off.disabled
+    # The energy stream's cursor follows energy_periods, which retention never deletes.
+    assert INFLUXDB_ENERGY not in on.disabled
+    assert INFLUXDB_ENERGY in off.disabled
+    assert all(INFLUXDB_ENERGY not in names for names in on.forwarders.values())
+
+
+async def test_the_node_policy_guards_telemetry_the_energy_aggregator_has_not_read(
+    outbox: Outbox, db_path: Path
+) -> None:
+    """Energy on: before the aggregator's first cursor write nothing goes, then nothing above its
+    cursor; energy off: its old cursor holds nothing back."""
+    await outbox.save_position("influxdb", "telemetry", 90, mark_at=NOW - 5 * DAY_S)
+    assert await prune(db_path, node_policy()) == {}
+    await outbox.save_position(ENERGY_CURSOR, "telemetry", 25, mark_at=None)
+    assert await prune(db_path, node_policy()) == {"telemetry": 25}
+    assert await prune(db_path, node_policy(energy_enabled=False)) == {"telemetry": 65}

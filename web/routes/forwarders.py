@@ -1,4 +1,5 @@
-"""``/api/v1/forwarders``: the InfluxDB and S3 forwarders, their backlog and their last errors.
+"""``/api/v1/forwarders``: the InfluxDB (readings, energy periods) and S3 forwarders, their backlog
+and their last errors.
 
 Read from the forwarders' own counters (:class:`actors.stats.ForwarderStats`), which their
 monitors refresh every ``forward_monitor_interval_s``: a request makes no query, so polling it
