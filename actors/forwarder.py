@@ -43,6 +43,8 @@ MAX_RETRY_AFTER_S = 300.0
 #: a mark per batch would be ~86,000 rows a day. A row forwarded between two marks counts as
 #: forwarded at the next one, so it is kept up to this much longer, never shorter.
 MARK_EVERY_S = 60.0
+#: How often a backlog measurement is taken again when a batch was confirmed meanwhile.
+MEASURE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +163,7 @@ class Forwarder[T: Forwardable]:
     async def check_backlog(self) -> Backlog:
         """Measure the backlog, update the stats and apply the disk budget."""
         cfg = self._config
-        backlog = await self._source.backlog(self._position)
+        backlog = await self._measure()
         self._report(backlog)
         warn_at = cfg.budget_bytes * cfg.warn_fraction
         if cfg.drop_oldest and backlog.bytes > cfg.budget_bytes and backlog.rows:
@@ -180,7 +182,7 @@ class Forwarder[T: Forwardable]:
                 f"{cfg.budget_bytes}",
             )
             self._over_warning = True
-            backlog = await self._source.backlog(self._position)
+            backlog = await self._measure()
             self._report(backlog)
         if backlog.bytes >= warn_at:
             self._over_warning = True
@@ -197,6 +199,17 @@ class Forwarder[T: Forwardable]:
             for rule in (AlertRule.FORWARDER_BACKLOG, AlertRule.FORWARDER_DROPPED):
                 self._signal(rule, raised=False, count=0, detail="backlog under the warning level")
         return backlog
+
+    async def _measure(self) -> Backlog:
+        """The backlog after the current position. A batch confirmed while it was being measured
+        makes the figure stale (rows already sent would be reported behind a newer position,
+        until the next measurement): measure again then, a few times at most."""
+        for _ in range(MEASURE_ATTEMPTS - 1):
+            after = self._position
+            backlog = await self._source.backlog(after)
+            if self._position == after:
+                return backlog
+        return await self._source.backlog(self._position)
 
     def _report(self, backlog: Backlog) -> None:
         s = self._stats

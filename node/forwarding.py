@@ -35,9 +35,9 @@ from actors.stats import ForwarderStats, IngestStats
 from actors.supervisor import Restart, RestartIntensityExceeded, RestartPolicy, supervise
 from node.config import Settings
 from storage.energy import CURSOR_NAME as ENERGY_CURSOR
-from storage.energy import EnergyChange
 from storage.errors import ConfigError
-from storage.influx_sink import InfluxSink, energy_change_line
+from storage.influx_sink import InfluxSink, energy_change_line, to_line
+from storage.interfaces import Forwardable, ForwardSource
 from storage.outbox import EnergySource, Outbox, RawSource, TelemetrySource
 from storage.records import RetentionPolicy
 from storage.retention import RetentionStore
@@ -161,9 +161,19 @@ def build_forwarding(
         stats.forwarders.setdefault(name, ForwarderStats())
     fw = Forwarding(db=db)
     if settings.influxdb_enabled:
-        fw.children[INFLUXDB] = _influx_child(settings, fw, stats.forwarders[INFLUXDB], alerts)
+        fw.children[INFLUXDB] = _influx_child(
+            settings, fw, stats.forwarders[INFLUXDB], alerts, name=INFLUXDB, source=TelemetrySource, line=to_line
+        )
         if settings.energy_enabled:
-            fw.children[INFLUXDB_ENERGY] = _influx_energy_child(settings, fw, stats.forwarders[INFLUXDB_ENERGY], alerts)
+            fw.children[INFLUXDB_ENERGY] = _influx_child(
+                settings,
+                fw,
+                stats.forwarders[INFLUXDB_ENERGY],
+                alerts,
+                name=INFLUXDB_ENERGY,
+                source=EnergySource,
+                line=energy_change_line,
+            )
     if settings.s3_enabled:
         fw.children[S3] = _s3_child(settings, fw, stats.forwarders[S3], alerts, clock)
     if not fw.children:
@@ -180,12 +190,21 @@ def build_forwarding(
     return fw
 
 
-def _influx_child(settings: Settings, fw: Forwarding, stats: ForwarderStats, alerts: AlertSink | None) -> Child:
+def _influx_child[T: Forwardable](
+    settings: Settings,
+    fw: Forwarding,
+    stats: ForwarderStats,
+    alerts: AlertSink | None,
+    *,
+    name: str,
+    source: Callable[[Outbox, str], ForwardSource[T]],
+    line: Callable[[T], str],
+) -> Child:
+    """A stream of the InfluxDB forwarder: readings (``influxdb``) or energy periods (``influxdb-energy``)."""
     token = influx_token(settings)
-    config = forwarder_config(settings, INFLUXDB, settings.influxdb_batch_rows)
+    config = forwarder_config(settings, name, settings.influxdb_batch_rows)
 
     async def run() -> None:
-        source = TelemetrySource(fw.open_outbox(), INFLUXDB)
         async with InfluxSink(
             settings.influxdb_url or "",
             settings.influxdb_org or "",
@@ -193,29 +212,9 @@ def _influx_child(settings: Settings, fw: Forwarding, stats: ForwarderStats, ale
             token,
             timeout_s=settings.influxdb_timeout_s,
             gzip=settings.influxdb_gzip,
+            line=line,
         ) as sink:
-            await Forwarder(source, sink, config, stats, alerts=alerts).run()
-
-    return run
-
-
-def _influx_energy_child(settings: Settings, fw: Forwarding, stats: ForwarderStats, alerts: AlertSink | None) -> Child:
-    """The energy stream: like :func:`_influx_child`, on ``energy_periods`` by ``rev``."""
-    token = influx_token(settings)
-    config = forwarder_config(settings, INFLUXDB_ENERGY, settings.influxdb_batch_rows)
-
-    async def run() -> None:
-        source = EnergySource(fw.open_outbox(), INFLUXDB_ENERGY)
-        async with InfluxSink[EnergyChange](
-            settings.influxdb_url or "",
-            settings.influxdb_org or "",
-            settings.influxdb_bucket or "",
-            token,
-            timeout_s=settings.influxdb_timeout_s,
-            gzip=settings.influxdb_gzip,
-            line=energy_change_line,
-        ) as sink:
-            await Forwarder(source, sink, config, stats, alerts=alerts).run()
+            await Forwarder(source(fw.open_outbox(), name), sink, config, stats, alerts=alerts).run()
 
     return run
 

@@ -22,7 +22,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Self, overload
+from typing import Any, Final, Self, cast
 
 import aiohttp
 import anyio
@@ -81,17 +81,11 @@ def retry_after_seconds(value: str | None) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-class InfluxSink[T]:
+class InfluxSink[T = TelemetryOut]:
     """Writes batches of rows to one bucket; use as ``async with InfluxSink(...) as sink``.
 
     Rows are readings (:func:`to_line`) unless *line* says how to write them."""
 
-    @overload
-    def __init__(
-        self: InfluxSink[TelemetryOut], url: str, org: str, bucket: str, token: str, *, timeout_s: float, gzip: bool
-    ) -> None: ...
-
-    @overload
     def __init__(
         self,
         url: str,
@@ -101,21 +95,10 @@ class InfluxSink[T]:
         *,
         timeout_s: float,
         gzip: bool,
-        line: Callable[[T], str],
-    ) -> None: ...
-
-    def __init__(
-        self,
-        url: str,
-        org: str,
-        bucket: str,
-        token: str,
-        *,
-        timeout_s: float,
-        gzip: bool,
-        line: Callable[[Any], str] = to_line,
+        line: Callable[[T], str] | None = None,
     ) -> None:
-        self._line: Callable[[T], str] = line
+        # Without *line*, T is its default, TelemetryOut.
+        self._line = line if line is not None else cast("Callable[[T], str]", to_line)
         self._url = url
         self._org = org
         self._bucket = bucket
