@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +99,17 @@ def exchange(port: int, connect: bytes, pieces: Iterator[bytes], responses: int)
     return got
 
 
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[RunningNode]:
+    """A node with the fast path on whatever ``DEPOT_NODE_BROKER_FAST_PATH`` says: these tests pin
+    the fast path's own reader (the rest of the suite runs both ways)."""
+    key = make_admin_key(tmp_path)
+    async with anyio.create_task_group() as tg:
+        running = await start_node(tg, tmp_path, key, broker_fast_path=True)
+        yield running
+        await stop_node(running)
+
+
 async def test_split_and_coalesced_packets_are_acked_in_arrival_order(node: RunningNode) -> None:
     """Hypothesis: any mix of own/denied QoS 0/1 PUBLISHes and PINGREQs, cut at arbitrary
     byte offsets: the PUBACKs come in arrival order and every own message is stored once."""
@@ -175,7 +186,9 @@ async def test_packet_limit_is_a_setting_and_payloads_below_it_are_quarantined(t
     above the packet limit: the connection is closed before the packet is buffered."""
     key = make_admin_key(tmp_path)
     async with anyio.create_task_group() as tg:
-        node = await start_node(tg, tmp_path, key, max_payload_bytes=1024, mqtt_max_packet_bytes=8192)
+        node = await start_node(
+            tg, tmp_path, key, broker_fast_path=True, max_payload_bytes=1024, mqtt_max_packet_bytes=8192
+        )
         secret = await node.register("fp-big")
         connect = mqtt_raw.connect("fp-big", "fp-big", secret)
         big = mqtt_raw.publish("iot/fp-big/telemetry", b"x" * 4000, packet_id=1)
