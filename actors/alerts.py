@@ -26,6 +26,10 @@ The rules (:class:`AlertRule`, a closed set so that it can label metrics) and th
 ``acl_denial``
     raised when the device publishes or subscribes where its ACL forbids; ``count`` is
     denials. Cleared after ``acl_clear_after`` seconds without one (0: never).
+``forwarder_backlog`` / ``forwarder_dropped`` (``device_id`` is the forwarder's name)
+    raised by a forwarder whose unforwarded backlog passed the warning fraction of its disk
+    budget / whose drop policy skipped rows (``count``: rows dropped); both cleared by the
+    forwarder when the backlog is back under the warning fraction (``actors.forwarder``).
 ``quarantine_burst``
     raised when ``quarantine_burst`` messages of the device were quarantined within
     ``quarantine_window`` seconds; ``count`` is the messages quarantined in the burst.
@@ -85,6 +89,11 @@ class AlertRule(enum.StrEnum):
     DEVICE_PARKED = "device_parked"
     #: A reading was quarantined as physically implausible (voltage range, falling register).
     IMPLAUSIBLE_VALUE = "implausible_value"
+    #: A forwarder's unforwarded backlog passed the warning fraction of its disk budget. The
+    #: alert's ``device_id`` is the forwarder's name (``influxdb``, ``s3``).
+    FORWARDER_BACKLOG = "forwarder_backlog"
+    #: The disk budget's drop policy skipped unforwarded rows; ``count`` is rows dropped.
+    FORWARDER_DROPPED = "forwarder_dropped"
 
 
 class AlertState(enum.StrEnum):
@@ -109,6 +118,8 @@ SEVERITY: Final[dict[AlertRule, Severity]] = {
     AlertRule.DEVICE_PARKED: Severity.CRITICAL,
     # A meter or its wiring is broken, and billing data is being withheld from the store.
     AlertRule.IMPLAUSIBLE_VALUE: Severity.CRITICAL,
+    AlertRule.FORWARDER_BACKLOG: Severity.WARNING,
+    AlertRule.FORWARDER_DROPPED: Severity.CRITICAL,
 }
 
 #: Disconnect reasons that mean the link died. ``clean`` (the device said goodbye), ``revoked``,
@@ -277,6 +288,11 @@ class AlertActor:
                 self._quarantined(key, s, now)
             case AlertRule.DEVICE_PARKED:
                 self._occurred(key, s.detail, s.at, 1)
+            case AlertRule.FORWARDER_BACKLOG | AlertRule.FORWARDER_DROPPED:
+                if s.raised:
+                    self._occurred(key, s.detail, s.at, s.count)
+                else:
+                    self._clear(key, s.at)
 
     def _quarantined(self, key: _Key, s: AlertSignal, now: float) -> None:
         cfg = self._config

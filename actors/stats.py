@@ -61,6 +61,45 @@ class CommandStats:
         self.acks_quarantined[reason] = self.acks_quarantined.get(reason, 0) + 1
 
 
+class ForwarderStats:
+    """What one forwarder (:class:`actors.forwarder.Forwarder`) reports; read by ``/metrics`` and
+    ``GET /api/v1/forwarders``. Times are wall-clock epoch seconds."""
+
+    enabled: bool = False
+    #: The last rowid the sink confirmed (None until the forwarder has started).
+    position: int | None = None
+    rows_behind: int = 0
+    #: Estimated size of the unforwarded rows (see :class:`storage.outbox.Backlog`).
+    backlog_bytes: int = 0
+    #: Receipt time of the oldest unforwarded row; None when nothing is behind.
+    oldest_unforwarded_at: float | None = None
+    #: When the backlog was last measured.
+    checked_at: float | None = None
+    batches: int = 0
+    rows: int = 0
+    #: Attempts the sink failed (each retry that failed counts).
+    failures: int = 0
+    #: Rows skipped unforwarded by the disk budget's drop policy.
+    rows_dropped: int = 0
+    last_success_at: float | None = None
+    #: The sink's last error, without secrets; cleared by the next success.
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+class EnergyStats:
+    """What :class:`actors.energy_aggregator.EnergyAggregator` counts."""
+
+    #: The last telemetry rowid aggregated (the ``energy`` cursor).
+    position: int = 0
+    readings: int = 0
+    batches: int = 0
+    #: Period rows inserted or changed (a late reading changes periods already written).
+    periods_written: int = 0
+    #: Storage errors the aggregator retried after.
+    failures: int = 0
+
+
 @dataclass(slots=True)
 class IngestStats:
     publishes: int = 0
@@ -86,6 +125,11 @@ class IngestStats:
     guard_closed: dict[str, int] = field(default_factory=dict)
     alerts: AlertStats = field(default_factory=AlertStats)
     commands: CommandStats = field(default_factory=CommandStats)
+    #: Forwarder name ("influxdb", "influxdb-energy", "s3") → its stats; every known forwarder, enabled or not.
+    forwarders: dict[str, ForwarderStats] = field(default_factory=dict)
+    #: Rows deleted by retention, per table (``raw_payloads``: payloads emptied).
+    retention_deleted: dict[str, int] = field(default_factory=dict)
+    energy: EnergyStats = field(default_factory=EnergyStats)
 
     def count_quarantine(self, reason: str) -> None:
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1

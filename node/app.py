@@ -36,8 +36,10 @@ from node.bridge import Bridge
 from node.broker import PLAIN_LISTENER, TLS_LISTENER, NodeBroker, NodeProtocolHandler, broker_config
 from node.commands import build_commands, run_commands, stop_commands
 from node.config import Settings, parse_bind
+from node.energy import build_energy, run_energy
 from node.fastpath import FastProtocolHandler
 from node.faults import FaultHooks, FaultyStore
+from node.forwarding import build_forwarding, check_forwarding, run_forwarding
 from node.guard import ConnectionGuard
 from node.limits import device_limits, http_rate_limits
 from node.tls import TlsFiles, default_files, server_context
@@ -101,6 +103,7 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     *faults* is for tests only (see :mod:`node.faults`).
     """
     faults = faults or FaultHooks()
+    check_forwarding(settings)
     stats = IngestStats()
     db = database_path(settings.data_dir)
     store = SqliteStore(db, synchronous=settings.sqlite_synchronous)
@@ -111,7 +114,11 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     alerts = build_alerts(settings, store, stats.alerts)
     alerts_done = anyio.Event()
     alert_sink = alerts.signal if alerts is not None else None
+    # Energy per period (node/energy.py): follows the telemetry table, never on the ingest path.
+    energy = build_energy(settings, db, store, stats.energy)
     router = _router(settings, ingest_store, writer, stats, faults, alerts=alert_sink)
+    # Forwarders and retention (node/forwarding.py): off unless configured; never in ingest's way.
+    forwarding = build_forwarding(settings, db, stats, alert_sink)
     gate = DeviceGate(
         reader, stats, concurrency=settings.auth_concurrency, require_client_cert=settings.mqtts_require_client_cert
     )
@@ -179,8 +186,10 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
             tg.start_soon(_run_writer, writer, writer_done, name="storage-writer")
             tg.start_soon(run_alerts, alerts, alerts_done, name="alerts")
             tg.start_soon(run_commands, commands, commands_done, name="commands")
+            tg.start_soon(run_energy, energy, name="energy")
             await tg.start(router.run, name="router")
             readiness["storage"] = await reader.ping()
+            tg.start_soon(run_forwarding, forwarding, name="forwarding")
             stale = await store.mark_all_offline("node_restart")
             if stale:
                 log.info("%d devices were online when the node last stopped; marked offline", stale)
@@ -210,6 +219,8 @@ async def run_node(  # noqa: PLR0915 - the composition root wires every part in 
     finally:
         writer.fail_pending()
         gate.close()
+        if energy is not None:
+            energy[1].close()
         reader.close()
         store.close()
         log.info("stopped")

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from actors.alerts import AlertRule
@@ -203,6 +203,64 @@ class Settings(BaseSettings):
             )
             raise ValueError(msg)
         return value
+
+    # Forwarding to InfluxDB and S3, backlog and retention (node/forwarding.py, ADR 0007). Both
+    # forwarders are off unless enabled; an enabled one needs its url/bucket settings.
+    influxdb_enabled: bool = False
+    influxdb_url: str | None = None
+    influxdb_org: str | None = None
+    influxdb_bucket: str | None = None
+    #: The token: from ``DEPOT_NODE_INFLUXDB_TOKEN``, or read from ``influxdb_token_file``. Never logged.
+    influxdb_token: SecretStr | None = None
+    influxdb_token_file: Path | None = None
+    influxdb_batch_rows: int = Field(default=5000, ge=1, le=100_000)
+    influxdb_timeout_s: float = Field(default=10.0, gt=0)
+    influxdb_gzip: bool = True
+    s3_enabled: bool = False
+    s3_bucket: str | None = None
+    #: Key prefix of the archive objects; give each node its own when several share a bucket.
+    s3_prefix: str = "depot-node/"
+    #: A custom endpoint (MinIO, …); None means AWS.
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    #: Path-style addressing (``endpoint/bucket/key``), which MinIO usually needs.
+    s3_path_style: bool = False
+    #: Without keys, boto's default chain applies (AWS_* environment, shared files, instance role).
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    #: One archive object per device and window of this many seconds (receipt time, UTC-aligned)…
+    s3_window_s: float = Field(default=3600.0, ge=1, le=86_400)
+    #: …written this long after the window closed (commits of its last messages).
+    s3_grace_s: float = Field(default=60.0, ge=0)
+    #: Raw messages per batch; a batch also stops at 32 MiB of payloads.
+    s3_batch_rows: int = Field(default=10_000, ge=1, le=100_000)
+    s3_timeout_s: float = Field(default=30.0, gt=0)
+    #: Rows per second each forwarder sends at most (0: unlimited), to spare a thin WAN.
+    forward_rate_limit_rows_s: float = Field(default=0.0, ge=0)
+    forward_poll_interval_s: float = Field(default=1.0, gt=0)
+    forward_retry_initial_s: float = Field(default=1.0, gt=0)
+    forward_retry_max_s: float = Field(default=60.0, gt=0)
+    #: How often the backlog is measured (metrics, API, disk budget).
+    forward_monitor_interval_s: float = Field(default=5.0, gt=0)
+    #: Disk budget of each forwarder's unforwarded backlog, in (estimated) bytes.
+    forward_backlog_budget_bytes: int = Field(default=1 << 30, ge=1)
+    #: ``forwarder_backlog`` is raised past this fraction of the budget.
+    forward_backlog_warn_fraction: float = Field(default=0.8, gt=0, le=1)
+    #: ``oldest``: past the budget, skip (and let retention delete) the oldest unforwarded rows,
+    #: counted and alerted. ``off`` (the default): never; the backlog grows and the alert stays.
+    forward_backlog_drop: Literal["off", "oldest"] = "off"
+    #: Keep forwarded rows this many days after they were forwarded (0: delete at once).
+    retention_days: float = Field(default=30.0, ge=0)
+    retention_interval_s: float = Field(default=300.0, gt=0)
+    retention_batch_rows: int = Field(default=1000, ge=1, le=100_000)
+    # Energy per period (docs/energy.md):
+    #: Compute consumed and regenerated energy per 5-minute period from the telemetry.
+    energy_enabled: bool = True
+    #: Two readings further apart than this do not count: the energy between them is not
+    #: spread over the periods, which are then incomplete (5 min to 1 day).
+    energy_max_interval_s: float = Field(default=3600.0, ge=300, le=86400)
+    #: How often the energy aggregator looks for new telemetry once it has caught up.
+    energy_poll_s: float = Field(default=1.0, gt=0, le=3600)
 
     @classmethod
     def settings_customise_sources(

@@ -8,10 +8,11 @@
     ├── DeviceError          a device-level problem: unknown, revoked, bad identity
     │   ├── DeviceNotFound
     │   ├── DeviceExists
-    │   └── CommandConflict   an idempotency key came again with a different command
+    │   ├── CommandConflict   an idempotency key came again with a different command
     │   └── DeviceLimitReached   registering one more would pass max_devices
-    └── StorageError         SQLite failed; the batch was not committed
-        └── MigrationError   the schema could not be brought to the current version
+    ├── StorageError         SQLite failed; the batch was not committed
+    │   └── MigrationError   the schema could not be brought to the current version
+    └── SinkError            a forwarder's sink (InfluxDB, S3) did not confirm a batch
 
 It lives in ``storage`` because that is the bottom layer: every package may import it.
 """
@@ -70,3 +71,15 @@ class CommandConflict(DeviceError):  # noqa: N818
         super().__init__(device_id, f"idempotency key {idempotency_key!r} was used for command {command_id}")
         self.idempotency_key = idempotency_key
         self.command_id = command_id
+
+
+class SinkError(NodeError):
+    """A sink did not confirm a batch; the forwarder retries it. The message never holds a secret.
+
+    ``retry_after``: seconds the sink asked to wait (HTTP ``Retry-After``), when it said so.
+    """
+
+    def __init__(self, sink: str, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(f"{sink}: {message}")
+        self.sink = sink
+        self.retry_after = retry_after

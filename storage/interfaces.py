@@ -13,12 +13,19 @@ from storage.audit import AuditEntry
 from storage.records import (
     AlertRecord,
     AlertWrite,
+    Backlog,
     CommandChange,
     CommandRecord,
     DeviceBatch,
     DeviceStateRecord,
+    EnergyInput,
+    EnergyNeighbours,
+    EnergyPeriod,
+    EnergyReading,
     NewCommand,
+    PruneResult,
     QuarantinedAck,
+    RetentionPolicy,
 )
 from storage.validation import DeviceContext
 
@@ -75,4 +82,76 @@ class AuditSink(Protocol):
         """Append *entry* to the audit log (e.g. ``command_sent``); raise
         :class:`storage.errors.StorageError` on failure. :class:`storage.sqlite.SqliteStore`
         implements it on its writer connection."""
+
+
+class Forwardable(Protocol):
+    """A row a forwarder sends: it carries its rowid in the source table."""
+
+    @property
+    def id(self) -> int: ...
+
+
+class ForwardSource[T: Forwardable](Protocol):
+    """A consumer's cursor over one source table (:class:`storage.outbox.CursorSource`)."""
+
+    async def position(self) -> int:
+        """The last rowid confirmed (0 when none)."""
+        ...
+
+    async def next_batch(self, after: int, limit: int) -> list[T]:
+        """Up to *limit* rows after rowid *after*, oldest first, always a prefix of what follows."""
+        ...
+
+    async def confirm(self, position: int, at: float | None) -> int:
+        """Persist the cursor at *position* (never backwards), with a mark at wall time *at*
+        unless that is None; returns the cursor."""
+        ...
+
+    async def backlog(self, after: int) -> Backlog:
+        """Rows, estimated bytes and oldest receipt time of what lies after *after*."""
+        ...
+
+    async def drop_oldest(self, after: int, rows: int) -> int:
+        """Skip the oldest *rows* rows after *after* for good; returns the new position."""
+        ...
+
+
+class ForwardSink[T](Protocol):
+    """Where a forwarder delivers: InfluxDB (:mod:`storage.influx_sink`), S3 (:mod:`storage.s3_sink`)."""
+
+    async def send(self, rows: Sequence[T]) -> None:
+        """Deliver *rows*; return only once the sink confirmed all of them. Sending the same rows
+        again must leave the sink as one send did (replays after a restart). Raise
+        :class:`storage.errors.SinkError` for anything worth retrying."""
+        ...
+
+
+class RetentionStore(Protocol):
+    async def prune_step(self, policy: RetentionPolicy, forwarded_before: float, limit: int) -> PruneResult:
+        """Delete at most *limit* rows of one table that retention allows (:mod:`storage.retention`)."""
+        ...
+
+
+class EnergyStore(Protocol):
+    """What the energy aggregator (``actors.energy_aggregator``) reads and writes."""
+
+    async def energy_cursor(self) -> int:
+        """The last telemetry rowid already aggregated (0 before the first run)."""
+        ...
+
+    async def new_readings(self, after: int, limit: int) -> list[EnergyInput]:
+        """Up to *limit* telemetry rows with a rowid above *after*, in rowid order."""
+        ...
+
+    async def neighbours(self, keys: Sequence[tuple[str, int, int]], old_until: int) -> list[EnergyNeighbours]:
+        """For each ``(device_id, boot, seq)``: its neighbours now and among rowids <= *old_until*."""
+        ...
+
+    async def window_readings(self, windows: Sequence[tuple[str, int, int]]) -> list[list[EnergyReading]]:
+        """For each ``(device_id, start_ms, end_ms)``: every reading an interval touching it needs."""
+        ...
+
+    async def save_energy(self, periods: Sequence[tuple[str, EnergyPeriod]], position: int) -> int:
+        """Write the changed periods and move the cursor to *position*, in one transaction;
+        returns how many periods changed. Raises :class:`storage.errors.StorageError`."""
         ...

@@ -22,8 +22,9 @@ import anyio
 from storage import command_sql
 from storage.audit import AuditRecord, select_audit
 from storage.credentials import ApiKeyRow, select_api_keys
+from storage.energy import energy_series
 from storage.errors import StorageError
-from storage.records import AlertRecord, CommandRecord, DeviceStateRecord
+from storage.records import AlertRecord, CommandRecord, DeviceStateRecord, EnergyPeriod
 from storage.sqlite import SELECT_ALERTS, alert_from_row, load_device_state
 
 
@@ -313,6 +314,10 @@ class Reader:
             return Page(items, encode_cursor(items[-1].id) if len(rows) > limit else None)
 
         return await self._run(q)
+
+    async def energy(self, device_id: str, start_ms: int, end_ms: int, size_ms: int) -> list[EnergyPeriod]:
+        """A device's energy per period of *size_ms* over ``[start_ms, end_ms)``, every period, oldest first."""
+        return await self._run(lambda c: energy_series(c, device_id, start_ms, end_ms, size_ms))
 
     async def ping(self) -> bool:
         return await self._run(lambda c: c.execute("SELECT 1").fetchone() == (1,))

@@ -6,6 +6,7 @@ its mailbox; the storage writer commits many of them in one transaction (group c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -185,3 +186,125 @@ class QuarantinedAck:
     payload: bytes
     reason: QuarantineReason
     detail: str
+
+
+# -- forwarding ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryOut:
+    """A stored reading as the InfluxDB forwarder sends it."""
+
+    id: int
+    device_id: str
+    #: ``dc_meter`` / ``ac_meter`` (from the device's registration).
+    device_type: str
+    boot: int
+    seq: int
+    ts_ms: int
+    m: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class RawOut:
+    """An archived PUBLISH as the S3 forwarder sends it."""
+
+    id: int
+    device_id: str
+    topic: str
+    #: Node time of receipt, epoch seconds (device time may be anything; receipt time is not).
+    received_at: float
+    payload: bytes
+    #: ``(reason, detail)`` of each reading or message of it that was quarantined; empty when
+    #: everything in it was accepted.
+    quarantine: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What a consumer has not consumed yet."""
+
+    #: Rows after the cursor (exact: rowids above a cursor are never deleted or skipped).
+    rows: int
+    #: Estimated bytes those rows take: ``rows`` times the mean size of the newest rows.
+    bytes: int
+    #: Receipt time (epoch seconds) of the oldest row after the cursor; None when there is none.
+    oldest_at: float | None
+    #: The newest rowid of the source (0 when it is empty).
+    newest_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """Which consumers guard each source; built by the node from its settings."""
+
+    #: Enabled forwarders per source: their marks decide when a row was forwarded.
+    forwarders: Mapping[str, frozenset[str]]
+    #: Known consumers that are switched off: their cursors do not guard.
+    disabled: frozenset[str] = frozenset()
+    #: Enabled non-forwarding consumers per source that guard even before they have a cursor.
+    required: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PruneResult:
+    """Rows changed by one step: table name → rows (``raw_payloads``: payloads emptied)."""
+
+    changed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.changed.values())
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyReading:
+    """The energy registers of one stored reading: what the energy aggregator works from."""
+
+    boot: int
+    seq: int
+    ts_ms: int
+    import_kwh: float
+    export_kwh: float
+    #: AC meters only; None when the reading has no reactive registers.
+    reactive_import_kvarh: float | None = None
+    reactive_export_kvarh: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyPeriod:
+    """The energy of one device in one 5-minute period (``docs/energy.md``).
+
+    ``complete`` is true only when readings cover the whole period (``covered_ms``) and no
+    uncertain interval (a sequence gap, readings more than a period apart, a missing reactive
+    register) was used in it. Reactive sums are None when no interval with reactive registers
+    touched the period.
+    """
+
+    start_ms: int
+    consumed_kwh: float
+    regenerated_kwh: float
+    reactive_import_kvarh: float | None
+    reactive_export_kvarh: float | None
+    covered_ms: int
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyInput:
+    """A telemetry row the energy aggregator has not seen yet: its rowid (the cursor), device and registers."""
+
+    rowid: int
+    device_id: str
+    reading: EnergyReading
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyNeighbours:
+    """The ``seq`` neighbours of a reading within its boot: now, and among the rows up to the
+    aggregator's previous cursor position (before the batch being processed arrived)."""
+
+    pred: EnergyReading | None
+    succ: EnergyReading | None
+    old_pred: EnergyReading | None
+    old_succ: EnergyReading | None

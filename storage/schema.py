@@ -130,7 +130,48 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX audit_by_action ON audit_log (action, id);
     CREATE INDEX audit_by_target ON audit_log (target, id);
     """,
-    # 5 (forward) and 6 (energy) go here (final merge).
+    # 5: forwarder cursors and marks.
+    # `cursors` is shared with the energy aggregator, whose migration creates the same table with
+    # IF NOT EXISTS, so either may come first. `position` is the last rowid of `source` consumed.
+    # `cursor_marks` keeps when a forwarder's position was reached: retention counts its days
+    # from there (storage/retention.py). `quarantine_by_raw` lets the S3 archive find the
+    # quarantine reasons of the raw messages it sends.
+    """
+    CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, source TEXT NOT NULL,
+        position INTEGER NOT NULL DEFAULT 0, updated_at TEXT NOT NULL);
+
+    CREATE TABLE IF NOT EXISTS cursor_marks (
+        name     TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        at       REAL NOT NULL,
+        PRIMARY KEY (name, position)
+    ) STRICT;
+
+    CREATE INDEX IF NOT EXISTS quarantine_by_raw ON quarantine (raw_id);
+    """,
+    # 6: energy per 5-minute period
+    # (ADR 0008) and the shared cursor table. The cursors statement is the same in the
+    # forwarders' migration (5), so either may create it first.
+    """
+    CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, source TEXT NOT NULL,
+        position INTEGER NOT NULL DEFAULT 0, updated_at TEXT NOT NULL);
+
+    -- One row per device and period that has energy or coverage. A missing row is an empty,
+    -- incomplete period. `rev` grows with every change, for whoever forwards the periods.
+    CREATE TABLE energy_periods (
+        device_id             TEXT NOT NULL,
+        start_ms              INTEGER NOT NULL,
+        consumed_kwh          REAL NOT NULL,
+        regenerated_kwh       REAL NOT NULL,
+        reactive_import_kvarh REAL,
+        reactive_export_kvarh REAL,
+        covered_ms            INTEGER NOT NULL,
+        complete              INTEGER NOT NULL,
+        rev                   INTEGER NOT NULL,
+        PRIMARY KEY (device_id, start_ms)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX energy_periods_by_rev ON energy_periods (rev);
+    """,
     # 7: commands to devices and every state each one passed through (`queued → sent → acked
     # | failed | expired`). At most one command per (device, idempotency key). `request` is the
     # canonical JSON of what was asked (name, args, ttl_s), to tell a repeat from a conflict.

@@ -78,6 +78,11 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StorageError(str(exc)) from exc
 
+    async def run_in_writer[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *fn* on the writer connection, between group commits: for other actors' small
+        writes (``storage.energy``). *fn* owns its transaction and must keep it short."""
+        return await self._run(fn)
+
     # -- ingest ---------------------------------------------------------------------------
 
     async def load_device_state(self, device_id: str) -> DeviceStateRecord | None:

@@ -19,7 +19,19 @@ from web.errors import register_error_handlers
 from web.limits import install_rate_limits
 from web.metrics import build_registry
 from web.openapi import NodeOpenAPIProvider
-from web.routes import alerts, audit, credentials, devices, events, keys, operations, quarantine, telemetry
+from web.routes import (
+    alerts,
+    audit,
+    credentials,
+    devices,
+    energy,
+    events,
+    forwarders,
+    keys,
+    operations,
+    quarantine,
+    telemetry,
+)
 from web.routes import commands as command_routes
 from web.services import WebServices
 
@@ -54,7 +66,16 @@ def create_app(services: WebServices) -> Quart:
     )
     install(app, services, build_registry(services.stats))
     register_error_handlers(app)
-    for blueprint in (operations.bp, devices.bp, events.bp, telemetry.bp, quarantine.bp, alerts.bp):
+    for blueprint in (
+        operations.bp,
+        devices.bp,
+        events.bp,
+        telemetry.bp,
+        energy.bp,
+        quarantine.bp,
+        alerts.bp,
+        forwarders.bp,
+    ):
         app.register_blueprint(blueprint)
     app.register_blueprint(command_routes.bp)
     for blueprint in (credentials.bp, keys.bp, audit.bp):

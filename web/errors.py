@@ -47,6 +47,7 @@ IDEMPOTENCY_CONFLICT: Final = _TAG + "idempotency-conflict"
 DEVICE_REVOKED: Final = _TAG + "device-revoked"
 RATE_LIMITED: Final = _TAG + "rate-limited"
 DEVICE_LIMIT: Final = _TAG + "device-limit"
+RANGE_TOO_LARGE: Final = _TAG + "range-too-large"
 
 
 class ApiError(Exception):

@@ -12,6 +12,7 @@ quarantine reasons of the contract, auth refusal reasons, ACL actions, alert rul
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -56,6 +57,18 @@ COMMAND_ACKS_IGNORED: Final = PREFIX + "command_acks_ignored"
 COMMAND_ACKS_QUARANTINED: Final = PREFIX + "command_acks_quarantined"
 DEVICE_LIMIT_EXCEEDED: Final = PREFIX + "device_limit_exceeded"
 MQTT_CONNECTIONS_CLOSED: Final = PREFIX + "mqtt_connections_closed"
+FORWARD_ROWS_BEHIND: Final = PREFIX + "forward_rows_behind"
+FORWARD_BACKLOG_BYTES: Final = PREFIX + "forward_backlog_bytes"
+FORWARD_OLDEST_AGE: Final = PREFIX + "forward_oldest_unforwarded_age_seconds"
+FORWARD_BATCHES: Final = PREFIX + "forward_batches"
+FORWARD_ROWS: Final = PREFIX + "forward_rows"
+FORWARD_FAILURES: Final = PREFIX + "forward_failures"
+FORWARD_ROWS_DROPPED: Final = PREFIX + "forward_rows_dropped"
+RETENTION_DELETED: Final = PREFIX + "retention_deleted_rows"
+ENERGY_READINGS: Final = PREFIX + "energy_readings"
+ENERGY_PERIODS_WRITTEN: Final = PREFIX + "energy_periods_written"
+ENERGY_FAILURES: Final = PREFIX + "energy_failures"
+ENERGY_CURSOR: Final = PREFIX + "energy_cursor_position"
 
 
 class IngestCollector(Collector):
@@ -125,7 +138,60 @@ class IngestCollector(Collector):
             "Alert signals lost because the alert actor's mailbox was full.",
             s.alerts.signals_dropped,
         )
+        yield _counter(ENERGY_READINGS, "Telemetry rows taken into energy per period.", s.energy.readings)
+        yield _counter(
+            ENERGY_PERIODS_WRITTEN, "Energy periods written or rewritten (late readings).", s.energy.periods_written
+        )
+        yield _counter(ENERGY_FAILURES, "Energy aggregation attempts that failed on storage.", s.energy.failures)
+        yield _gauge(ENERGY_CURSOR, "The last telemetry rowid taken into energy per period.", s.energy.position)
+        yield from _forwarder_metrics(s)
         yield from _command_metrics(s.commands)
+
+
+def _forwarder_metrics(s: IngestStats) -> Iterable[Metric]:
+    # Label `forwarder`: the node's fixed set of forwarders (influxdb, influxdb-energy, s3), enabled or not.
+    now = time.time()
+    fw = s.forwarders
+    yield _labelled_gauge(
+        FORWARD_ROWS_BEHIND,
+        "Rows not forwarded yet (measured by the forwarder's monitor).",
+        "forwarder",
+        {n: f.rows_behind for n, f in fw.items()},
+    )
+    yield _labelled_gauge(
+        FORWARD_BACKLOG_BYTES,
+        "Estimated bytes of the rows not forwarded yet (the disk budget's measure).",
+        "forwarder",
+        {n: f.backlog_bytes for n, f in fw.items()},
+    )
+    yield _labelled_gauge(
+        FORWARD_OLDEST_AGE,
+        "Age of the oldest row not forwarded yet (0 when none is behind).",
+        "forwarder",
+        {n: 0.0 if f.oldest_unforwarded_at is None else max(0.0, now - f.oldest_unforwarded_at) for n, f in fw.items()},
+    )
+    yield _labelled_counter(
+        FORWARD_BATCHES, "Batches the sink confirmed.", "forwarder", {n: f.batches for n, f in fw.items()}
+    )
+    yield _labelled_counter(FORWARD_ROWS, "Rows the sink confirmed.", "forwarder", {n: f.rows for n, f in fw.items()})
+    yield _labelled_counter(
+        FORWARD_FAILURES,
+        "Attempts the sink did not confirm (retried).",
+        "forwarder",
+        {n: f.failures for n, f in fw.items()},
+    )
+    yield _labelled_counter(
+        FORWARD_ROWS_DROPPED,
+        "Unforwarded rows skipped by the disk budget's drop policy.",
+        "forwarder",
+        {n: f.rows_dropped for n, f in fw.items()},
+    )
+    yield _labelled_counter(
+        RETENTION_DELETED,
+        "Rows deleted by retention (raw_payloads: archived payloads emptied).",
+        "table",
+        s.retention_deleted,
+    )
 
 
 def _command_metrics(c: CommandStats) -> Iterable[Metric]:
@@ -171,7 +237,7 @@ def _labelled_counter(name: str, doc: str, label: str, values: Mapping[str, int]
     return family
 
 
-def _labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, int]) -> GaugeMetricFamily:
+def _labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, float]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, doc, labels=[label])
     for key, value in sorted(values.items()):
         family.add_metric([key], value)

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from actors.alerts import AlertRule, AlertState, Severity
+from actors.stats import ForwarderStats
 from storage.audit import AuditAction, AuditRecord, DetailValue
 from storage.contract import DEVICE_ID_PATTERN, DeviceType, format_ts, is_valid_device_id
 from storage.credentials import ApiKeyRow
@@ -528,3 +529,120 @@ class AuditPage(BaseModel):
 
     items: list[AuditEntryOut]
     next_cursor: str | None
+
+
+# -- forwarders ---------------------------------------------------------------------------------
+
+
+class ForwarderStatus(BaseModel):
+    """One forwarder (``influxdb``, ``influxdb-energy``, ``s3``): where it is, what is behind, how it went last.
+
+    The backlog figures are measured every ``forward_monitor_interval_s`` (``checked_at``).
+    """
+
+    name: str
+    enabled: bool
+    #: The last rowid of its source that the sink confirmed; null until it has started.
+    position: int | None
+    rows_behind: int | None
+    #: Estimated bytes of the unforwarded rows, against ``forward_backlog_budget_bytes``.
+    backlog_bytes: int | None
+    #: Age of the oldest unforwarded row (receipt time); null when nothing is behind.
+    oldest_unforwarded_age_s: float | None
+    batches_forwarded: int
+    rows_forwarded: int
+    #: Attempts that the sink did not confirm (each failed retry counts).
+    failures: int
+    #: Rows skipped by the disk budget's drop policy.
+    rows_dropped: int
+    last_success_at: Timestamp | None
+    #: The sink's last error (HTTP status and message, never a secret); null after a success.
+    last_error: str | None
+    last_error_at: Timestamp | None
+    checked_at: Timestamp | None
+
+    @classmethod
+    def from_stats(cls, name: str, s: ForwarderStats, now: float) -> Self:
+        def ts(value: float | None) -> str | None:
+            return None if value is None else epoch_to_ts(value)
+
+        running = s.enabled and s.checked_at is not None
+        oldest = s.oldest_unforwarded_at
+        return cls(
+            name=name,
+            enabled=s.enabled,
+            position=s.position,
+            rows_behind=s.rows_behind if running else None,
+            backlog_bytes=s.backlog_bytes if running else None,
+            oldest_unforwarded_age_s=None if oldest is None else max(0.0, now - oldest),
+            batches_forwarded=s.batches,
+            rows_forwarded=s.rows,
+            failures=s.failures,
+            rows_dropped=s.rows_dropped,
+            last_success_at=ts(s.last_success_at),
+            last_error=s.last_error,
+            last_error_at=ts(s.last_error_at),
+            checked_at=ts(s.checked_at),
+        )
+
+
+class ForwarderList(BaseModel):
+    """Every forwarder the node knows, enabled or not, by name."""
+
+    items: list[ForwarderStatus]
+
+
+# -- energy -------------------------------------------------------------------------------------
+
+EnergyPeriodName = Literal["5m", "1h", "1d"]
+
+
+class EnergyQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    from_: Rfc3339 | None = Field(
+        default=None, alias="from", description="first period: the one holding this time (default: `to` minus a span)"
+    )
+    to: Rfc3339 | None = Field(default=None, description="periods that begin before this time (default: now)")
+    period: EnergyPeriodName = Field(default="5m", description="period length, aligned to UTC")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.from_ is not None and self.to is not None and self.from_ >= self.to:
+            msg = "'from' must be before 'to'"
+            raise ValueError(msg)
+        return self
+
+
+class _EnergyItemBase(BaseModel):
+    start: Timestamp
+    end: Timestamp
+    #: Energy drawn from the supply (import register).
+    consumed_kwh: float
+    #: Energy fed back by regenerative braking (export register).
+    regenerated_kwh: float
+    #: Seconds of the period covered by counted readings.
+    covered_s: float
+    #: True only when readings cover the whole period and nothing in it is uncertain (no
+    #: sequence gap, reboot, decreasing register or readings more than 5 minutes apart).
+    complete: bool
+
+
+class EnergyItem(_EnergyItemBase):
+    """The energy of a DC meter in one period."""
+
+
+class AcEnergyItem(_EnergyItemBase):
+    """The energy of an AC meter in one period, with reactive energy (null when its readings
+    had no reactive registers)."""
+
+    reactive_import_kvarh: float | None
+    reactive_export_kvarh: float | None
+
+
+class EnergyPage(BaseModel):
+    """Every period of the range, oldest first; a period without readings is 0 and incomplete."""
+
+    device_id: str
+    period: EnergyPeriodName
+    items: list[AcEnergyItem] | list[EnergyItem]
