@@ -201,10 +201,14 @@ class ConnectionGuard:
         """Guard the connection of *reader*: from now on its bytes are checked as they arrive."""
         guard = PacketGuard(reader, writer, self)
         # StreamReader has no __slots__ and GuardedStreamReader adds only a method and an
-        # attribute, so re-classing the live reader is safe; data already buffered was not
-        # checked, so this must happen before anything is read (at accept).
+        # attribute, so re-classing the live reader is safe. It must happen before anything is
+        # read (at accept). Bytes may already be buffered then: uvloop delivers the first data
+        # before the connection's callback runs. They are checked here, as if they arrived now.
         reader.__class__ = GuardedStreamReader
         cast("GuardedStreamReader", reader).guard = guard
+        buffered = getattr(reader, "_buffer", None)  # asyncio keeps no public view of it
+        if buffered:
+            guard.consume(bytes(buffered))
         self._open.add(guard)
         return guard
 

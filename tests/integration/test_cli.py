@@ -142,3 +142,9 @@ def test_keys_list_and_delete(tmp_path: Path) -> None:
         rows = conn.execute("SELECT action, target, actor, role FROM audit_log ORDER BY id").fetchall()
     conn.close()
     assert rows == [("key_created", key_id, "cli", None), ("key_deleted", key_id, "cli", None)]
+
+
+def test_the_mmap_threshold_can_be_fixed() -> None:
+    from node.cli import fix_mmap_threshold
+
+    assert fix_mmap_threshold(1 << 20) is (sys.platform == "linux")
