@@ -134,7 +134,7 @@ class SqliteStore:
                         (device_id, type_, name, created, secret_hash, supply),
                     )
                     if by is not None:
-                        details = {"type": type_, "name": name, "supply": supply}
+                        details = {"type": type_, "name": name} | ({"supply": supply} if supply else {})
                         insert_audit(c, AuditEntry(AuditAction.DEVICE_CREATED, device_id, by, dict(details), created))
             except sqlite3.IntegrityError as exc:
                 raise DeviceExists(device_id) from exc

@@ -179,7 +179,7 @@ async def test_disconnect_action_on_either_reader_and_qos(tmp_path: Path, *, fas
 
 
 async def test_a_packet_over_the_size_limit_closes_the_connection_before_its_body(tmp_path: Path) -> None:
-    async with running(tmp_path, max_payload_bytes=1024, max_packet_bytes=4096) as node:
+    async with running(tmp_path, max_payload_bytes=1024, max_batch_payload_bytes=2048, max_packet_bytes=4096) as node:
         secret = await node.register("huge-1")
 
         def announce_a_huge_packet() -> bytes:

@@ -32,7 +32,12 @@ pytestmark = pytest.mark.anyio
 PUBLIC: Final = frozenset({("/healthz", "get"), ("/readyz", "get"), ("/openapi.json", "get"), ("/docs", "get")})
 
 #: Values for path parameters: an existing device (registered below), ids of the right shape.
-PATH_VALUES: Final = {"device_id": "emu-1", "alert_id": "01JDEPOTNODE0000000000000A", "key_id": "000000000000"}
+PATH_VALUES: Final = {
+    "device_id": "emu-1",
+    "alert_id": "01JDEPOTNODE0000000000000A",
+    "key_id": "000000000000",
+    "command_id": "01JDEPOTNODE0000000000000C",
+}
 
 ROLES_BY_RANK: Final = sorted(RANK, key=RANK.__getitem__)
 
@@ -123,6 +128,12 @@ async def test_every_route_is_public_or_declares_its_role(
         ("/api/v1/keys", "post", "admin"),
         ("/api/v1/keys/{key_id}", "delete", "admin"),
         ("/api/v1/audit", "get", "admin"),
+        ("/api/v1/devices/{device_id}", "patch", "admin"),
+        ("/api/v1/devices/{device_id}/commands", "post", "operator"),
+        ("/api/v1/devices/{device_id}/commands", "get", "viewer"),
+        ("/api/v1/devices/{device_id}/commands/{command_id}", "get", "viewer"),
+        ("/api/v1/devices/{device_id}/energy", "get", "viewer"),
+        ("/api/v1/forwarders", "get", "viewer"),
     } <= checked
 
 
