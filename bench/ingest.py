@@ -832,7 +832,9 @@ class Bench:
             "DEPOT_NODE_LOG_LEVEL": "warning",
             "DEPOT_NODE_SQLITE_SYNCHRONOUS": o.sync,
             "DEPOT_NODE_BROKER_FAST_PATH": "true" if fast else "false",
-            "DEPOT_NODE_EVENT_LOOP": o.event_loop,
+            # bench/backlog.py drives this class with a parser of its own: defaults then.
+            "DEPOT_NODE_EVENT_LOOP": getattr(o, "event_loop", "asyncio"),
+            **dict(setting.split("=", 1) for setting in getattr(o, "node_setting", [])),
         }
         proc = start_node_process(self.spawn, label, src=self.node_src, env=env, data=self.tmp / f"{label}-data")
         setattr(self.report, f"{label}_rss_start_mib", proc.proc.memory_info().rss / MIB)
@@ -1313,6 +1315,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="latency phase: how long to offer --rate")
     parser.add_argument(
         "--sync", choices=("FULL", "NORMAL"), default="FULL", help="the node's sqlite_synchronous (FULL is its default)"
+    )
+    parser.add_argument(
+        "--node-setting",
+        action="append",
+        default=[],
+        metavar="DEPOT_NODE_X=VALUE",
+        help="an environment setting for the nodes (repeatable), e.g. DEPOT_NODE_ENERGY_ENABLED=false",
     )
     parser.add_argument(
         "--event-loop",
