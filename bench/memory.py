@@ -46,7 +46,6 @@ import time
 import tracemalloc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 import httpx
@@ -61,6 +60,7 @@ from bench.ingest import (
     BenchError,
     Child,
     NodeProcess,
+    _terminate,
     child_env,
     children,
     machine_info,
@@ -359,10 +359,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if opts.no_fast and opts.no_slow:
         parser.error("--no-fast and --no-slow leave nothing to run")
     return opts
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 import httpx
@@ -57,6 +56,7 @@ from bench.ingest import (
     BenchError,
     Child,
     NodeProcess,
+    _terminate,
     child_env,
     children,
     machine_info,
@@ -325,10 +325,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if opts.warmup is None:
         opts.warmup = 600.0 if opts.duration >= SHORT_RUN_S else opts.duration / 3
     return opts
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
