@@ -29,19 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Final
-
-import httpx
 
 # Run as a script (``python bench/backlog.py``): the repository root holds the bench package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ingest import MIB, Bench, BenchError, _terminate, children, machine_info, node_source
+from bench.ingest import MIB, Bench, Child, machine_info, node_source, run_bench
 
 TARGET_READINGS_S: Final = 50_000.0
 
@@ -166,31 +161,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return opts
 
 
+def _backlog(opts: argparse.Namespace, tmp: Path, kids: list[Child]) -> bool:
+    bench = Bench(opts, tmp, kids)
+    bench.report.machine = m = machine_info(tmp)
+    bench.node_src, m["node"] = node_source(opts.rev, tmp)
+    print(
+        f"depot-node backlog benchmark  {m['date']}  {m['cores']} cores {m['cpu']}"
+        f"  Python {m['python']}  data on {m['data_dir_fs']}"
+    )
+    print(f"node under test: {m['node']}, run from {bench.node_src}")
+    return run(opts, bench)
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
-    tmp = Path(tempfile.mkdtemp(prefix="depot-backlog-"))
-    try:
-        with children() as kids:
-            bench = Bench(opts, tmp, kids)
-            bench.report.machine = m = machine_info(tmp)
-            bench.node_src, m["node"] = node_source(opts.rev, tmp)
-            print(
-                f"depot-node backlog benchmark  {m['date']}  {m['cores']} cores {m['cpu']}"
-                f"  Python {m['python']}  data on {m['data_dir_fs']}"
-            )
-            print(f"node under test: {m['node']}, run from {bench.node_src}")
-            ok = run(opts, bench)
-    except (BenchError, httpx.HTTPError, OSError) as exc:
-        print(f"\nbench/backlog.py: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nbench/backlog.py: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 0 if ok else 1
+    return run_bench("bench/backlog.py", lambda tmp, kids: _backlog(opts, tmp, kids))
 
 
 if __name__ == "__main__":

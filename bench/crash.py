@@ -41,6 +41,7 @@ not come back, a publisher never got its acknowledgements, the node did not stop
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -241,6 +242,7 @@ class Publisher:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_log = self._on_log
         self.client = client
         self.connected = threading.Event()
         self._lock = threading.Lock()
@@ -256,6 +258,8 @@ class Publisher:
         self.refusals = 0
         self.disconnects = 0
         self.queue_full = 0
+        #: paho's last log lines (not its PUBLISH/PUBACK traffic), for the error when a reconnect hangs.
+        self.paho_log: collections.deque[str] = collections.deque(maxlen=12)
 
     # paho's network thread calls these. paho holds its own locks around on_publish, so we never
     # call into paho while holding ours.
@@ -271,6 +275,10 @@ class Publisher:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self.disconnects += 1
         self.connected.clear()
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        if not buf.startswith(("Sending PUBLISH", "Received PUBACK")):
+            self.paho_log.append(f"{time.monotonic():.2f} {buf}")
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         with self._lock:
@@ -437,7 +445,7 @@ class CrashRun:
         data_dir = work / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEPOT_NODE_")}
-        env |= {"DEPOT_NODE_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
+        env |= {"DEPOT_NODE_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}
         self.node = Node(data_dir, work / "node.log", env)
         self.key = ""
         self.publishers: list[Publisher] = []
@@ -449,6 +457,15 @@ class CrashRun:
 
     def all_connected(self) -> bool:
         return all(p.connected.is_set() for p in self.publishers)
+
+    def publisher_states(self) -> str:
+        """Who is not connected, and what paho saw of it: for the error when a reconnect hangs."""
+        return "; ".join(
+            f"{p.device_id} connects={p.connects} refusals={p.refusals} disconnects={p.disconnects}"
+            f" unacked={p.unacked()} paho: {' | '.join(p.paho_log)}"
+            for p in self.publishers
+            if not p.connected.is_set()
+        )
 
     def acked(self) -> int:
         return sum(len(p.acked) for p in self.publishers)
@@ -497,7 +514,10 @@ class CrashRun:
         ready_s = self.node.start()
         t_ready = time.monotonic()
         if not _wait(self.all_connected, o.reconnect_timeout):
-            raise CrashError(f"cycle {number}: publishers did not reconnect within {o.reconnect_timeout:.0f} s")
+            raise CrashError(
+                f"cycle {number}: publishers did not reconnect within {o.reconnect_timeout:.0f} s:"
+                f" {self.publisher_states()}{self.node.tail()}"
+            )
         self.log(
             f"kill {number}/{o.kills} after {load_s:.1f} s of load: acked so far {acked},"
             f" without PUBACK at the kill {in_flight}; node ready in {ready_s:.2f} s,"

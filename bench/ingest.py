@@ -1371,36 +1371,53 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
+def run_bench(name: str, body: Callable[[Path, list[Child]], bool], *, errors: tuple[type[Exception], ...] = ()) -> int:
+    """What every benchmark's ``main()`` does around its own work: SIGTERM and SIGINT stop it
+    like Ctrl-C, *body* gets a fresh temporary directory (removed afterwards) and the list its
+    child processes go in (all stopped afterwards), and a failure is one line on stderr.
+
+    *body* returns whether every target was met; the exit code is 0 (met), 1 (missed or
+    failed) or 130 (interrupted). *errors* are failures of that benchmark's own besides
+    :class:`BenchError`, httpx's and OS errors.
+    """
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)  # also when started with SIGINT ignored (e.g. `cmd &`)
-    tmp = Path(tempfile.mkdtemp(prefix="depot-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"depot-{Path(name).stem}-"))
     try:
         with children() as kids:
-            bench = Bench(opts, tmp, kids)
-            bench.report.machine = machine_info(tmp)
-            bench.report.options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}
-            m = bench.report.machine
-            nodes = not (opts.no_node and opts.no_slow_node)
-            bench.node_src, m["node"] = node_source(opts.rev, tmp) if nodes else (REPO, "not run")
-            print(
-                f"depot-node ingest benchmark  {m['date']}  {m['cores']} cores {m['cpu']}"
-                f"  Python {m['python']}  amqtt {m['amqtt']}  data on {m['data_dir_fs']}"
-            )
-            print(f"node under test: {m['node']}, run from {bench.node_src}")
-            ok = bench.run()
-            if opts.json is not None:
-                opts.json.write_text(json.dumps(bench.report.to_json(), indent=2) + "\n")
-    except (BenchError, httpx.HTTPError, OSError) as exc:
-        print(f"\nbench/ingest.py: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+            ok = body(tmp, kids)
+    except (BenchError, httpx.HTTPError, OSError, *errors) as exc:
+        print(f"\n{name}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nbench/ingest.py: interrupted", file=sys.stderr)
+        print(f"\n{name}: interrupted", file=sys.stderr)
         return 130
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0 if ok else 1
+
+
+def _ingest(opts: argparse.Namespace, tmp: Path, kids: list[Child]) -> bool:
+    bench = Bench(opts, tmp, kids)
+    bench.report.machine = machine_info(tmp)
+    bench.report.options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}
+    m = bench.report.machine
+    nodes = not (opts.no_node and opts.no_slow_node)
+    bench.node_src, m["node"] = node_source(opts.rev, tmp) if nodes else (REPO, "not run")
+    print(
+        f"depot-node ingest benchmark  {m['date']}  {m['cores']} cores {m['cpu']}"
+        f"  Python {m['python']}  amqtt {m['amqtt']}  data on {m['data_dir_fs']}"
+    )
+    print(f"node under test: {m['node']}, run from {bench.node_src}")
+    ok = bench.run()
+    if opts.json is not None:
+        opts.json.write_text(json.dumps(bench.report.to_json(), indent=2) + "\n")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    return run_bench("bench/ingest.py", lambda tmp, kids: _ingest(opts, tmp, kids))
 
 
 if __name__ == "__main__":

@@ -38,10 +38,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import tracemalloc
 from dataclasses import asdict, dataclass, field
@@ -60,11 +58,10 @@ from bench.ingest import (
     BenchError,
     Child,
     NodeProcess,
-    _terminate,
     child_env,
-    children,
     machine_info,
     register_devices,
+    run_bench,
     spawn_child,
     start_node_process,
     verdict,
@@ -361,41 +358,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return opts
 
 
+def _memory(opts: argparse.Namespace, tmp: Path, kids: list[Child]) -> bool:
+    bench = MemoryBench(opts, tmp, kids)
+    machine = machine_info(tmp)
+    print(f"depot-node memory benchmark  {machine['date']}  {machine['cores']} cores {machine['cpu']}")
+    results = [bench.run_mode(fast=fast) for fast in (True, False) if not (opts.no_fast if fast else opts.no_slow)]
+    summary(opts, results)
+    if opts.json is not None:
+        modes = [
+            {
+                **asdict(r),
+                "marginal_kb": r.marginal_kb,
+                "marginal_uss_kb": r.marginal_uss_kb,
+                "average_kb": r.average_kb,
+            }
+            for r in results
+        ]
+        doc = MemoryReport(machine, {k: str(v) for k, v in vars(opts).items()}, modes)
+        opts.json.write_text(json.dumps(asdict(doc), indent=2) + "\n")
+    return True  # the figures are the result: summary() prints PASS/FAIL against the target
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
-    tmp = Path(tempfile.mkdtemp(prefix="depot-memory-"))
-    try:
-        with children() as kids:
-            bench = MemoryBench(opts, tmp, kids)
-            machine = machine_info(tmp)
-            print(f"depot-node memory benchmark  {machine['date']}  {machine['cores']} cores {machine['cpu']}")
-            results = [
-                bench.run_mode(fast=fast) for fast in (True, False) if not (opts.no_fast if fast else opts.no_slow)
-            ]
-            summary(opts, results)
-            if opts.json is not None:
-                modes = [
-                    {
-                        **asdict(r),
-                        "marginal_kb": r.marginal_kb,
-                        "marginal_uss_kb": r.marginal_uss_kb,
-                        "average_kb": r.average_kb,
-                    }
-                    for r in results
-                ]
-                doc = MemoryReport(machine, {k: str(v) for k, v in vars(opts).items()}, modes)
-                opts.json.write_text(json.dumps(asdict(doc), indent=2) + "\n")
-    except (BenchError, httpx.HTTPError, OSError) as exc:
-        print(f"\nbench/memory.py: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nbench/memory.py: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    return run_bench("bench/memory.py", lambda tmp, kids: _memory(opts, tmp, kids))
 
 
 if __name__ == "__main__":

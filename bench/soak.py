@@ -35,10 +35,8 @@ import functools
 import json
 import math
 import queue
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,11 +54,10 @@ from bench.ingest import (
     BenchError,
     Child,
     NodeProcess,
-    _terminate,
     child_env,
-    children,
     machine_info,
     register_devices,
+    run_bench,
     spawn_child,
     start_node_process,
     verdict,
@@ -327,29 +324,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return opts
 
 
+def _soak(opts: argparse.Namespace, tmp: Path, kids: list[Child]) -> bool:
+    soak = Soak(opts, tmp, kids)
+    soak.report.machine = machine_info(tmp)
+    soak.report.options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}
+    soak.report.warmup_s = opts.warmup
+    ok = soak.run()
+    if opts.json is not None:
+        opts.json.write_text(json.dumps(asdict(soak.report), indent=2) + "\n")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
-    tmp = Path(tempfile.mkdtemp(prefix="depot-soak-"))
-    try:
-        with children() as kids:
-            soak = Soak(opts, tmp, kids)
-            soak.report.machine = machine_info(tmp)
-            soak.report.options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}
-            soak.report.warmup_s = opts.warmup
-            ok = soak.run()
-            if opts.json is not None:
-                opts.json.write_text(json.dumps(asdict(soak.report), indent=2) + "\n")
-    except (BenchError, httpx.HTTPError, OSError, psutil.Error) as exc:
-        print(f"\nbench/soak.py: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nbench/soak.py: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 0 if ok else 1
+    return run_bench("bench/soak.py", lambda tmp, kids: _soak(opts, tmp, kids), errors=(psutil.Error,))
 
 
 if __name__ == "__main__":

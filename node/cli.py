@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import click
@@ -148,12 +148,29 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     fix_mmap_threshold()
     try:
         anyio.run(main_, backend="asyncio", backend_options={"use_uvloop": settings.event_loop == "uvloop"})
-    except OSError as exc:
-        click.echo(f"depot-node: cannot start: {exc}", err=True)
+    except (OSError, NodeError, BaseExceptionGroup) as exc:
+        failure = _failure(exc)
+        if failure is None:
+            raise
+        prefix = "cannot start: " if isinstance(failure, OSError) else ""
+        click.echo(f"depot-node: {prefix}{failure}", err=True)
         sys.exit(1)
-    except NodeError as exc:
-        click.echo(f"depot-node: {exc}", err=True)
-        sys.exit(1)
+
+
+def _failure(exc: BaseException) -> OSError | NodeError | None:
+    """The error to report when the node stops on *exc*: an OSError or NodeError (a port that
+    is taken, an unwritable data directory), also when the task groups wrapped it in an
+    exception group. None when anything else is in it: that is a bug, and its traceback shows."""
+    if isinstance(exc, OSError | NodeError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        match, rest = exc.split((OSError, NodeError))
+        while rest is None and match is not None:
+            first = match.exceptions[0]
+            if not isinstance(first, BaseExceptionGroup):
+                return cast("OSError | NodeError", first)
+            match = first
+    return None
 
 
 @main.group()

@@ -148,3 +148,25 @@ def test_the_mmap_threshold_can_be_fixed() -> None:
     from node.cli import fix_mmap_threshold
 
     assert fix_mmap_threshold(1 << 20) is (sys.platform == "linux")
+
+
+@pytest.mark.parametrize("listener", ["mqtt", "http"])
+def test_a_taken_port_is_one_clear_line_not_a_traceback(tmp_path: Path, listener: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        binds = {"mqtt": f"127.0.0.1:{free_port()}", "http": f"127.0.0.1:{free_port()}"}
+        binds[listener] = f"127.0.0.1:{port}"
+        env = {**os.environ, "DEPOT_NODE_DATA_DIR": str(tmp_path)}
+        result = cli("serve", "--mqtt-bind", binds["mqtt"], "--http-bind", binds["http"], env=env)
+    assert result.returncode == 1
+    # Only the node's log lines (JSON; amqtt logs its own failure there) and the error line:
+    # no interpreter traceback, no exception group.
+    assert not [
+        line for line in result.stderr.splitlines() if line.lstrip(" +|").startswith(("Traceback", "Exception"))
+    ]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("depot-node: "), result.stderr[-2000:]
+    assert str(port) in last
+    assert "in use" in last
