@@ -17,7 +17,8 @@ class GuardClose(enum.StrEnum):
     CAPACITY = "capacity"
     #: A packet over ``max_packet_bytes`` (or a CONNECT over its own, smaller limit).
     PACKET_TOO_LARGE = "packet_too_large"
-    #: A malformed remaining length or a reserved packet type.
+    #: A malformed remaining length, a reserved packet type, or a first packet that is not a
+    #: CONNECT (MQTT-3.1.0-1).
     MALFORMED = "malformed"
     #: No whole CONNECT, or a begun packet not finished, within ``mqtt_packet_timeout_s``.
     PACKET_TIMEOUT = "packet_timeout"

@@ -48,6 +48,7 @@ CONNACK_SERVER_UNAVAILABLE: Final = b"\x20\x02\x00\x03"
 
 _HEADER, _LENGTH, _BODY = 0, 1, 2
 _RESERVED_TYPES: Final = frozenset({0, 15})
+_CONNECT: Final = 1
 
 
 class GuardedStreamReader(asyncio.StreamReader):
@@ -111,7 +112,10 @@ class PacketGuard:
             byte = data[i]
             i += 1
             if self._state == _HEADER:
-                if byte >> 4 in _RESERVED_TYPES:
+                kind = byte >> 4
+                # MQTT-3.1.0-1: the first packet is a CONNECT. amqtt would parse anything else
+                # by the CONNECT's field layout and could wait forever for bytes that never come.
+                if kind in _RESERVED_TYPES or (self.connect_end is None and kind != _CONNECT):
                     self.trip(GuardClose.MALFORMED)
                     return
                 if self.started is None:

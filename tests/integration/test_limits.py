@@ -223,6 +223,33 @@ async def test_a_connect_whose_length_disagrees_with_its_fields_is_closed(node: 
     assert await metric(node, "depot_node_mqtt_connections_closed_total", 'reason="malformed"') == 1
 
 
+async def test_a_publish_before_the_connect_is_closed_at_once(node: RunningNode) -> None:
+    """MQTT-3.1.0-1. A paho client publishing from another thread while it reconnects can put
+    a PUBLISH ahead of its CONNECT; amqtt then read the PUBLISH as a CONNECT and waited for
+    bytes that never came, so the device stayed unconnected until its keep-alive ran out."""
+    secret = await node.register("early-1")
+    early = mqtt_raw.publish("iot/early-1/telemetry", telemetry("early-1", 1, 0), packet_id=1)
+
+    def exchange() -> tuple[bytes, float]:
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", node.mqtt_port), timeout=10) as sock:
+            sock.sendall(early + mqtt_raw.connect("early-1", "early-1", secret))
+            return sock.recv(16), time.monotonic() - t0
+
+    got, took = await anyio.to_thread.run_sync(exchange)
+    assert got == b""  # closed, no CONNACK
+    assert took < 5  # not after a keep-alive or packet timeout
+    assert await metric(node, "depot_node_mqtt_connections_closed_total", 'reason="malformed"') == 1
+    # The device's next connection, in the right order, is served, and nothing of the first was stored.
+    def then_in_order() -> None:
+        with session(node.mqtt_port, "early-1", secret) as sock:
+            sock.sendall(mqtt_raw.publish("iot/early-1/telemetry", telemetry("early-1", 1, 1), packet_id=2))
+            assert mqtt_raw.read_packet(sock) == (PUBACK, b"\x00\x02")
+
+    await anyio.to_thread.run_sync(then_in_order)
+    assert [r["seq"] for r in (await node.get("/api/v1/devices/early-1/telemetry"))["items"]] == [1]
+
+
 async def test_stalled_connects_and_packets_are_closed(tmp_path: Path) -> None:
     async with running(tmp_path, mqtt_packet_timeout_s=0.5) as node:
         secret = await node.register("slow-1")

@@ -129,6 +129,27 @@ async def test_malformed_and_oversized_framing_is_refused(data: bytes, reason: G
 
 
 @pytest.mark.anyio
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.integers(min_value=2, max_value=14),
+    body=st.binary(max_size=200),
+    connect=st.binary(max_size=100).map(lambda b: packet(1, b)),
+    cuts=chunk_sizes,
+)
+async def test_a_first_packet_that_is_not_a_connect_is_refused(
+    kind: int, body: bytes, connect: bytes, cuts: list[int]
+) -> None:
+    """MQTT-3.1.0-1, whatever follows it (even the CONNECT): nothing after its first byte."""
+    stats = IngestStats()
+    async with guarded(stats) as (reader, guard, _):
+        arrive(reader, packet(kind, body) + connect, cuts)
+        got = await reader.read()
+        assert guard.tripped is GuardClose.MALFORMED
+        assert got == b""
+    assert stats.guard_closed == {"malformed": 1}
+
+
+@pytest.mark.anyio
 async def test_a_stalled_packet_is_swept_and_a_waiting_read_ends() -> None:
     stats = IngestStats()
     async with guarded(stats, packet_timeout=0.2) as (reader, guard, owner):
