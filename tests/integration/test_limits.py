@@ -240,6 +240,7 @@ async def test_a_publish_before_the_connect_is_closed_at_once(node: RunningNode)
     assert got == b""  # closed, no CONNACK
     assert took < 5  # not after a keep-alive or packet timeout
     assert await metric(node, "depot_node_mqtt_connections_closed_total", 'reason="malformed"') == 1
+
     # The device's next connection, in the right order, is served, and nothing of the first was stored.
     def then_in_order() -> None:
         with session(node.mqtt_port, "early-1", secret) as sock:
