@@ -13,6 +13,7 @@ from typing import Final
 from quart import Quart
 from quart_schema import HttpSecurityScheme, Info, QuartSchema
 
+from web import docs_ui
 from web.auth import SECURITY_SCHEME
 from web.context import install
 from web.errors import register_error_handlers
@@ -52,6 +53,7 @@ def create_app(services: WebServices) -> Quart:
     """The HTTP API on top of *services*: routes, OpenAPI (``/openapi.json``, ``/docs``), errors."""
     app = Quart(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    docs_ui.configure(app)
     QuartSchema(
         app,
         info=Info(title=TITLE, version=_version()),
@@ -78,6 +80,7 @@ def create_app(services: WebServices) -> Quart:
     ):
         app.register_blueprint(blueprint)
     app.register_blueprint(command_routes.bp)
+    app.register_blueprint(docs_ui.bp)
     for blueprint in (credentials.bp, keys.bp, audit.bp):
         app.register_blueprint(blueprint)
     if services.rate_limits is not None:

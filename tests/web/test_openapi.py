@@ -11,8 +11,8 @@ from quart.typing import TestClientProtocol as Client
 
 pytestmark = pytest.mark.anyio
 
-# Served by quart-schema itself and hidden from the document.
-_DOCS_ROUTES = {"/openapi.json", "/docs"}
+# Served by quart-schema itself (and Swagger UI's files by web.docs_ui), hidden from the document.
+_DOCS_ROUTES = {"/openapi.json", "/docs", "/docs/static/<name>"}
 
 
 @pytest.fixture
@@ -90,3 +90,25 @@ async def test_docs_page(client: Client) -> None:
     response = await client.get("/docs")
     assert response.status_code == 200
     assert "/openapi.json" in await response.get_data(as_text=True)
+
+
+async def test_docs_page_needs_no_internet(client: Client) -> None:
+    """Swagger UI's script and stylesheet come from the node, not from a CDN."""
+    page = await (await client.get("/docs")).get_data(as_text=True)
+    urls = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert urls, page
+    assert all(url.startswith("/docs/static/") for url in urls), urls
+    for url, kind, needle in zip(
+        sorted(urls), ("text/javascript", "text/css"), ("SwaggerUIBundle", ".swagger-ui"), strict=True
+    ):
+        response = await client.get(url)
+        assert response.status_code == 200, url
+        assert response.mimetype == kind
+        assert needle in await response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("name", ["index.html", "..%2Fpyproject.toml", "swagger-ui.js", "LICENSE"])
+async def test_docs_static_serves_only_swagger_uis_two_files(client: Client, name: str) -> None:
+    response = await client.get(f"/docs/static/{name}")
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"

@@ -29,7 +29,15 @@ from .problems import assert_problem
 pytestmark = pytest.mark.anyio
 
 #: Routes anyone may call: probes, and the API's own description. Nothing else.
-PUBLIC: Final = frozenset({("/healthz", "get"), ("/readyz", "get"), ("/openapi.json", "get"), ("/docs", "get")})
+PUBLIC: Final = frozenset(
+    {
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/openapi.json", "get"),
+        ("/docs", "get"),
+        ("/docs/static/{name}", "get"),  # Swagger UI's own files (web.docs_ui)
+    }
+)
 
 #: Values for path parameters: an existing device (registered below), ids of the right shape.
 PATH_VALUES: Final = {
@@ -37,6 +45,7 @@ PATH_VALUES: Final = {
     "alert_id": "01JDEPOTNODE0000000000000A",
     "key_id": "000000000000",
     "command_id": "01JDEPOTNODE0000000000000C",
+    "name": "swagger-ui.css",
 }
 
 ROLES_BY_RANK: Final = sorted(RANK, key=RANK.__getitem__)
