@@ -446,6 +446,11 @@ class CrashRun:
         data_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEPOT_NODE_")}
         env |= {"DEPOT_NODE_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}
+        # Each device publishes far faster than a meter (default 50 msg/s), and on a busy machine
+        # a restart can take tens of seconds: paho then resends more than the default burst of
+        # 1,000 messages at once, and the per-device limit quarantines the excess as
+        # rate_limited. This test is about durability; the limits have tests of their own.
+        env |= {"DEPOT_NODE_DEVICE_BURST_MESSAGES": "1000000"}
         self.node = Node(data_dir, work / "node.log", env)
         self.key = ""
         self.publishers: list[Publisher] = []
