@@ -68,10 +68,12 @@ _CONNECT_FIELDS: Final = ("will_flag", "will_message", "will_topic", "will_qos",
 class _Connecting:
     """One connection between its accept and its message loop, in its own task's context."""
 
-    __slots__ = ("admitted", "listener", "verdict")
+    __slots__ = ("admitted", "client_id", "listener", "verdict")
 
     def __init__(self, listener: str) -> None:
         self.listener = listener
+        #: The CONNECT's client id, once it was read.
+        self.client_id: str | None = None
         #: The authentication result, decided before amqtt looks at any existing session.
         self.verdict: bool | None = None
         #: Holds one of NodeBroker's CONNECT admission slots.
@@ -277,7 +279,9 @@ class NodeBroker(Broker):
 
     def unregister_live(self, handler: NodeProtocolHandler) -> None:
         client_id = handler.session.client_id if handler.session is not None else None
-        candidates = [client_id] if client_id in self.live else list(self.live)
+        # A session always has its client id; walking every live connection is for a
+        # handler without one (and would make a storm's disconnects quadratic).
+        candidates = [client_id] if client_id is not None else list(self.live)
         for cid in candidates:
             handlers = self.live.get(cid)
             if handlers is not None and handler in handlers:
@@ -295,13 +299,17 @@ class NodeBroker(Broker):
             return
         await super()._delete_session(client_id)
 
-    def _restore_session_table(self) -> None:
-        """Point amqtt's table back at the live connection where a refused CONNECT replaced it."""
-        for client_id, handlers in self.live.items():
-            handler = handlers[-1]
-            entry = self._sessions.get(client_id)
-            if handler.session is not None and (entry is None or entry[1] is not handler):
-                self._sessions[client_id] = (handler.session, handler)
+    def _restore_session_table(self, client_id: str | None) -> None:
+        """Point amqtt's table entry for *client_id* back at its live connection, where a
+        connection that ended had replaced it (only this client id: a storm's thousand
+        disconnects must not each walk every live connection)."""
+        handlers = self.live.get(client_id or "")
+        if not handlers:
+            return
+        handler = handlers[-1]
+        entry = self._sessions.get(client_id or "")
+        if handler.session is not None and (entry is None or entry[1] is not handler):
+            self._sessions[client_id or ""] = (handler.session, handler)
 
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
@@ -348,6 +356,7 @@ class NodeBroker(Broker):
             raise
         except NoDataError as exc:
             raise AMQTTError(exc) from exc
+        connecting.client_id = incoming.client_id
         verdict = await super()._authenticate(incoming, self.listeners_config[connecting.listener])
         # The gate accepts only client id = device id: an empty one (amqtt would make one up) is refused.
         connecting.verdict = verdict and bool(incoming.client_id)
@@ -497,7 +506,7 @@ class NodeBroker(Broker):
         finally:
             self._leave_admission(connecting)
             writer.close()
-            self._restore_session_table()
+            self._restore_session_table(connecting.client_id)
             if guard is not None and checked is not None:
                 guard.close(checked)
 

@@ -196,3 +196,33 @@ async def test_only_an_authenticated_connect_touches_the_live_session(node: Runn
         assert history[1] == ("will_published", f"iot/{device_id}/status (retained): {ORIGINAL_WILL.decode()}")
 
     await anyio.to_thread.run_sync(holds)
+
+
+async def test_connect_setups_are_admitted_a_few_at_a_time(tmp_path: Path) -> None:
+    """With one set-up slot: a peer sending half a CONNECT holds no slot (others connect
+    past it), and a burst of CONNECTs is answered in full, every one accepted."""
+    key = make_admin_key(tmp_path)
+    async with anyio.create_task_group() as tg:
+        node = await start_node(tg, tmp_path, key, mqtt_connect_concurrency=1, mqtt_packet_timeout_s=30.0)
+        secrets = {f"burst-{i}": await node.register(f"burst-{i}") for i in range(30)}
+        stalled = socket.create_connection(("127.0.0.1", node.mqtt_port), timeout=10)
+        try:
+            first = mqtt_raw.connect("burst-0", "burst-0", secrets["burst-0"])
+            stalled.sendall(first[: len(first) // 2])
+
+            def burst() -> list[int]:
+                socks = [socket.create_connection(("127.0.0.1", node.mqtt_port), timeout=20) for _ in secrets]
+                try:
+                    for sock, (device_id, secret) in zip(socks, secrets.items(), strict=True):
+                        sock.sendall(mqtt_raw.connect(device_id, device_id, secret))
+                    return [mqtt_raw.read_packet(sock)[1][1] for sock in socks]
+                finally:
+                    for sock in socks:
+                        sock.close()
+
+            with anyio.fail_after(25):  # well inside the stalled CONNECT's 30 s timeout
+                codes = await anyio.to_thread.run_sync(burst)
+            assert codes == [ACCEPTED] * len(secrets)
+        finally:
+            stalled.close()
+        await stop_node(node)
