@@ -61,8 +61,11 @@ _PUBACK_HEADER: Final = b"\x40\x02"
 #: telemetry waits behind at most this many set-up steps per loop iteration, not a storm's
 #: thousand.
 CONNECT_CONCURRENCY: Final = 8
-#: What a CONNECT brings to a stored persistent session (amqtt's ``_initialize_client_session``).
-_CONNECT_FIELDS: Final = ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username", "password")
+#: What a CONNECT brings to a stored persistent session: amqtt's list in
+#: ``_initialize_client_session``, and the will's retain flag, which amqtt forgets.
+_CONNECT_FIELDS: Final = (
+    "will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive", "username", "password",
+)  # fmt: skip
 
 
 class _Connecting:

@@ -167,7 +167,7 @@ class PacketGuard:
         """
         if self.connect_end is not None or self.tripped is not None or self.eof:
             return
-        if self._connect_waiter is None:
+        if self._connect_waiter is None or self._connect_waiter.cancelled():  # (a cancelled wait)
             self._connect_waiter = asyncio.get_running_loop().create_future()
         await self._connect_waiter
 
