@@ -85,6 +85,8 @@ class Run:
         # allows: the per-key HTTP rate limit (ADR 0011) is off, so a larger --storm than the
         # limit's burst is not throttled into a failed registration.
         self.env_node = {**self.env, "DEPOT_NODE_LOG_LEVEL": "warning", "DEPOT_NODE_HTTP_RATE_LIMIT_PER_S": "0"}
+        if self.opts.connect_concurrency is not None:
+            self.env_node["DEPOT_NODE_MQTT_CONNECT_CONCURRENCY"] = str(self.opts.connect_concurrency)
         child = Child(
             "node",
             ["-m", "node", "serve", "--data-dir", str(data), "--mqtt-bind", f"127.0.0.1:{mqtt_port}",
@@ -226,6 +228,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", type=float, default=10.0, help="seconds of telemetry before the storm")
     p.add_argument("--hold", type=float, default=3.0, help="seconds the storm devices stay connected")
     p.add_argument("--pause", type=float, default=5.0, help="seconds between and after the storms")
+    p.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=None,
+        help="the node's mqtt_connect_concurrency (default: the node's default); 10000 = unbounded",
+    )
     return p.parse_args(argv)
 
 

@@ -277,7 +277,14 @@ async def _start_broker(
     )
     handler_class = FastProtocolHandler if settings.broker_fast_path else NodeProtocolHandler
     # The guard is in place before the listeners accept anything.
-    broker = NodeBroker(config, bridge, tls_context, handler_class=handler_class, guard=guard)
+    broker = NodeBroker(
+        config,
+        bridge,
+        tls_context,
+        handler_class=handler_class,
+        guard=guard,
+        connect_concurrency=settings.mqtt_connect_concurrency,
+    )
     try:
         await broker.start()
     except BrokerError as exc:

@@ -221,14 +221,16 @@ class Bridge:
                 return
             await asyncio.sleep(0.01)
 
-    async def disconnected(self, session: Session) -> None:
+    async def disconnected(self, session: Session, *, taken_over: bool = False) -> None:
+        """A connection of *session* ended. *taken_over*: a connection of a persistent session
+        that a newer one resumed (node.broker); the session itself lives on, no will went out."""
         self.stats.connections -= 1
         if session.username and self.limiter is not None:
             self.limiter.release(session.username, time.monotonic())
         if session.username:
-            reason = session.attributes.get(DISCONNECT_REASON) or "connection_lost"
+            reason = "taken_over" if taken_over else session.attributes.get(DISCONNECT_REASON) or "connection_lost"
             will = None
-            if reason not in ("clean", "node_stopping") and session.will_flag and session.will_topic:
+            if not taken_over and reason not in ("clean", "node_stopping") and session.will_flag and session.will_topic:
                 # amqtt's _handle_disconnect, the only path that fires this hook, has just
                 # published (and, if asked, retained) the will: keep that in the history.
                 payload = bytes(session.will_message or b"")[:100].decode("utf-8", "replace")
@@ -237,7 +239,7 @@ class Bridge:
             # A takeover: the old connection ends after the new one was accepted. Its end goes
             # into the history but must not mark the device offline.
             live = self.broker.live.get(session.client_id or "", []) if self.broker is not None else []
-            superseded = any(h.session is not session for h in live)
+            superseded = taken_over or any(h.session is not session for h in live)
             link = Link(session.username, LinkEvent.DISCONNECTED, time.time(), reason, will, superseded)
             await self.router.deliver(link)
 

@@ -26,9 +26,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any, Final, cast
+from contextvars import ContextVar
+from typing import Any, Final, cast, override
 
-from amqtt.broker import Broker
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker, Server
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.pingreq import PingReqPacket
@@ -38,6 +42,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import Session
+from transitions.core import MachineError
 
 from actors.messages import Outcome
 from node.bridge import Bridge, OverDeviceLimit, set_disconnect_reason
@@ -50,6 +55,38 @@ log = logging.getLogger(__name__)
 AMQTT_VERSION: Final = "0.12.1"
 #: PUBACK fixed header: packet type 4, remaining length 2 (MQTT 3.1.1 §3.4).
 _PUBACK_HEADER: Final = b"\x40\x02"
+#: CONNECT set-ups running at once (see NodeBroker.stream_connected). A set-up is a few
+#: hundred microseconds of event-loop work when the secret is cached, and waits on the Argon2
+#: pool (``auth_concurrency``) when it is not: a few more than the pool keeps it busy, and
+#: telemetry waits behind at most this many set-up steps per loop iteration, not a storm's
+#: thousand.
+CONNECT_CONCURRENCY: Final = 8
+#: What a CONNECT brings to a stored persistent session: amqtt's list in
+#: ``_initialize_client_session``, and the will's retain flag, which amqtt forgets.
+_CONNECT_FIELDS: Final = (
+    "will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive", "username", "password",
+)  # fmt: skip
+
+
+class _Connecting:
+    """One connection between its accept and its message loop, in its own task's context."""
+
+    __slots__ = ("admitted", "client_id", "listener", "verdict")
+
+    def __init__(self, listener: str) -> None:
+        self.listener = listener
+        #: The CONNECT's client id, once it was read.
+        self.client_id: str | None = None
+        #: The authentication result, decided before amqtt looks at any existing session.
+        self.verdict: bool | None = None
+        #: Holds one of NodeBroker's CONNECT admission slots.
+        self.admitted = False
+
+
+#: amqtt runs each connection in a task of its own (asyncio's ``start_server`` callback), from
+#: ``stream_connected`` through ``_initialize_client_session``, ``_authenticate`` and
+#: ``_handle_client_session`` to the message loop: a context variable follows it through.
+_CONNECTING: ContextVar[_Connecting | None] = ContextVar("depot_node_connecting", default=None)
 
 
 class NodeProtocolHandler(BrokerProtocolHandler):
@@ -60,6 +97,8 @@ class NodeProtocolHandler(BrokerProtocolHandler):
     _keepalive_close: asyncio.Task[None] | None = None
     #: Event-loop time of the last PUBLISH or PINGREQ (see NodeBroker.enforce_inactivity).
     last_activity: float = 0.0
+    #: Its persistent session was resumed by a newer connection (NodeBroker._handle_disconnect).
+    taken_over: bool = False
 
     @classmethod
     def prepare_session(cls, session: Session) -> None:
@@ -198,6 +237,7 @@ class NodeBroker(Broker):
         *,
         handler_class: type[NodeProtocolHandler] = NodeProtocolHandler,
         guard: ConnectionGuard | None = None,
+        connect_concurrency: int = CONNECT_CONCURRENCY,
     ) -> None:
         super().__init__(config)
         self.bridge = bridge
@@ -215,6 +255,13 @@ class NodeBroker(Broker):
         #: Connection limits before amqtt parses anything (node.guard): connection count,
         #: packet size (``max_packet_bytes``, for both readers) and stalled packets.
         self.guard = guard
+        #: CONNECT set-ups running at once (see stream_connected and CONNECT_CONCURRENCY).
+        self._admission = asyncio.Semaphore(connect_concurrency)
+
+    def _leave_admission(self, connecting: _Connecting) -> None:
+        if connecting.admitted:
+            connecting.admitted = False
+            self._admission.release()
 
     async def register_live(self, handler: NodeProtocolHandler) -> None:
         """A session was accepted: take over from any older connection of the same client."""
@@ -235,7 +282,9 @@ class NodeBroker(Broker):
 
     def unregister_live(self, handler: NodeProtocolHandler) -> None:
         client_id = handler.session.client_id if handler.session is not None else None
-        candidates = [client_id] if client_id in self.live else list(self.live)
+        # A session always has its client id; walking every live connection is for a
+        # handler without one (and would make a storm's disconnects quadratic).
+        candidates = [client_id] if client_id is not None else list(self.live)
         for cid in candidates:
             handlers = self.live.get(cid)
             if handlers is not None and handler in handlers:
@@ -253,16 +302,26 @@ class NodeBroker(Broker):
             return
         await super()._delete_session(client_id)
 
-    def _restore_session_table(self) -> None:
-        """Point amqtt's table back at the live connection where a refused CONNECT replaced it."""
-        for client_id, handlers in self.live.items():
-            handler = handlers[-1]
-            entry = self._sessions.get(client_id)
-            if handler.session is not None and (entry is None or entry[1] is not handler):
-                self._sessions[client_id] = (handler.session, handler)
+    def _restore_session_table(self, client_id: str | None) -> None:
+        """Point amqtt's table entry for *client_id* back at its live connection, where a
+        connection that ended had replaced it (only this client id: a storm's thousand
+        disconnects must not each walk every live connection)."""
+        handlers = self.live.get(client_id or "")
+        if not handlers:
+            return
+        handler = handlers[-1]
+        entry = self._sessions.get(client_id or "")
+        if handler.session is not None and (entry is None or entry[1] is not handler):
+            self._sessions[client_id or ""] = (handler.session, handler)
 
-    async def _initialize_client_session(self, *args: Any, **kwargs: Any) -> Any:
-        handler, session = await super()._initialize_client_session(*args, **kwargs)
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        connecting = _CONNECTING.get()
+        if connecting is None:  # not through stream_connected: amqtt's own order
+            handler, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        else:
+            handler, session = await self._authenticated_session(reader, writer, connecting)
         if session.keep_alive > 0:
             # MQTT 3.1.1 §3.1.2.10: the server disconnects after 1.5 x the keep-alive of
             # silence. amqtt's reader waits exactly keep_alive per packet and then does
@@ -278,12 +337,137 @@ class NodeBroker(Broker):
         node_handler.last_activity = asyncio.get_running_loop().time()
         return handler, session
 
+    async def _authenticated_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, connecting: _Connecting
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's ``_initialize_client_session``, with the CONNECT authenticated *first*.
+
+        amqtt 0.12.1 looks the client id up before it authenticates: for a persistent session
+        (clean session 0) it copies the new CONNECT's credentials, will and keep-alive onto the
+        existing session, and ``_handle_client_session`` then takes a connected one over,
+        whether the CONNECT is then refused or not. A wrong password could so kick a live
+        device off or rewrite its will. Here the new session is authenticated (its secret,
+        its certificate and its will topic, node.auth) before anything else is looked at; a
+        refused one gets its CONNACK from :meth:`_handle_client_session` and touches no
+        existing session or table entry. An accepted one goes on exactly as amqtt would.
+        """
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except MQTTError:
+            log.info("invalid CONNECT from %s", writer.get_peer_info())
+            await writer.close()
+            raise
+        except NoDataError as exc:
+            raise AMQTTError(exc) from exc
+        connecting.client_id = incoming.client_id
+        verdict = await super()._authenticate(incoming, self.listeners_config[connecting.listener])
+        # The gate accepts only client id = device id: an empty one (amqtt would make one up) is refused.
+        connecting.verdict = verdict and bool(incoming.client_id)
+        incoming.parent = 0
+        if not connecting.verdict or incoming.client_id is None:
+            return handler, incoming
+        session = incoming
+        if incoming.clean_session:
+            await self._delete_session(incoming.client_id)
+        elif incoming.client_id in self._sessions:
+            # MQTT-3.1.2-4: resume the stored session, with this CONNECT's settings.
+            session, current = self._sessions[incoming.client_id]
+            if session.transitions.is_connected() and isinstance(current, NodeProtocolHandler):
+                # amqtt closes that connection for this one (MQTT-3.1.4-2): see _handle_disconnect.
+                current.taken_over = True
+            for field in _CONNECT_FIELDS:
+                setattr(session, field, getattr(incoming, field))
+            session.attributes.update(incoming.attributes)  # what authentication noted (node.bridge)
+            session.parent = 1
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
+
+    async def _handle_disconnect(
+        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
+        if not getattr(handler, "taken_over", False):
+            await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+            return
+        # The end of a connection whose persistent session a newer connection resumed: amqtt
+        # would publish the session's will and mark it disconnected, under the connection
+        # that now carries it (the device would show offline while it publishes).
+        await self._stop_handler(handler)
+        await self.bridge.disconnected(client_session, taken_over=True)
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        connecting = _CONNECTING.get()
+        if connecting is not None and connecting.verdict is not None:
+            return connecting.verdict  # decided in _authenticated_session, before the session lookup
+        return await super()._authenticate(session, listener)
+
+    @override
+    async def _handle_client_session(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Server,
+        listener_name: str,
+    ) -> None:
+        """amqtt's ``_handle_client_session``, for a CONNECT already authenticated.
+
+        Refused: amqtt would mark the session connected (taking over a live one of the same
+        client id) and enter it in its session table before sending CONNACK 5; here only the
+        CONNACK goes out. Accepted: as amqtt, except for its last step before the message
+        loop, which walks *every* subscription filter of the broker and, for each, every
+        retained message, and sends the matches to the new session whether it subscribed or
+        not: O(subscriptions x retained messages) per CONNECT, a fleet's 1,000 commands
+        subscriptions by its 1,000 retained status wills for each of a storm's 1,000
+        reconnects. Here it can match nothing: devices may subscribe only to their commands
+        topic (node.plugins), which nothing publishes retained (node.commands), and a
+        SUBSCRIBE still gets the retained messages that match it (amqtt's own
+        ``_handle_subscription``).
+        """
+        connecting = _CONNECTING.get()
+        if connecting is None or connecting.verdict is None or client_session.client_id is None:
+            await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+            return
+        if not connecting.verdict:
+            handler.attach(client_session, reader, writer)
+            await handler.mqtt_connack_authorize(authorize=False)
+            await writer.close()
+            return
+        while True:
+            try:
+                client_session.transitions.connect()
+                break
+            except (MachineError, ValueError):
+                if client_session.transitions.is_connected():
+                    log.info("client %r is already connected: taking its session over", client_session.client_id)
+                    _, current = self._sessions[client_session.client_id]
+                    await current.handle_connection_closed()
+                    await current.stop()
+                    break
+                log.info("client %r is reconnecting too quickly: it waits", client_session.client_id)
+                await asyncio.sleep(1)
+        handler.attach(client_session, reader, writer)
+        self._sessions[client_session.client_id] = (client_session, handler)
+        await handler.mqtt_connack_authorize(authorize=True)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id, client_session=client_session
+        )
+        await handler.start()
+        # Messages queued for a persistent session while it was offline.
+        await self._publish_session_retained_messages(client_session)
+        await self._client_message_loop(client_session, handler)
+
     async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
         """amqtt's loop waits on four futures per connection (disconnect, subscribe,
         unsubscribe, delivery), each in a task of its own, for as long as the client is
         connected. With node.fastpath the handler subscribes and unsubscribes itself and no
         inbound PUBLISH is ever queued for delivery, so only the disconnect is left to wait
         for, in this task: what amqtt then does with it is ``_handle_disconnect``, unchanged."""
+        connecting = _CONNECTING.get()
+        if connecting is not None:
+            self._leave_admission(connecting)  # set up: the next CONNECT may go ahead
         if not getattr(handler, "owns_client_loop", False):
             await super()._client_message_loop(client_session, handler)
             return
@@ -305,18 +489,27 @@ class NodeBroker(Broker):
             return
         checked = guard.open(reader, writer) if guard is not None else None
         note_transport(writer)  # TLS and client certificate, for the auth plugin (node/tls.py)
+        connecting = _Connecting(listener_name)
+        _CONNECTING.set(connecting)  # this connection's own task (and context)
         # amqtt lets socket errors of one connection escape its connection task (e.g. a client
         # that hangs up right after a refused CONNACK makes write_eof() raise), and then the
         # transport is never closed: asyncio logs "exception was never retrieved" and, worse,
         # Server.wait_closed() waits for that transport forever at shutdown. Whatever happened,
         # the connection is over when amqtt returns: close the transport (idempotent).
         try:
+            # Admission: a whole CONNECT first (the guard's stall timeout covers the wait),
+            # then one of the set-up slots, held until the session's message loop starts.
+            if checked is not None:
+                await checked.connect_arrived()
+            await self._admission.acquire()
+            connecting.admitted = True
             await super().stream_connected(reader, writer, listener_name)
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.debug("MQTT connection ended with a socket error: %r", exc)
         finally:
+            self._leave_admission(connecting)
             writer.close()
-            self._restore_session_table()
+            self._restore_session_table(connecting.client_id)
             if guard is not None and checked is not None:
                 guard.close(checked)
 

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     writer_max_group: int = Field(default=512, ge=1, le=100_000)
     #: Concurrent Argon2 verifications (each ~20 ms CPU and 19 MiB): a reconnect storm queues.
     auth_concurrency: int = Field(default=2, ge=1, le=64)
+    #: CONNECT set-ups (authentication to CONNACK and session start) running at once; a
+    #: reconnect storm's other CONNECTs wait in order, so connected devices' telemetry does
+    #: not wait behind a thousand set-ups (node.broker, ADR 0014).
+    mqtt_connect_concurrency: int = Field(default=8, ge=1, le=10_000)
     #: Close a device's session when it publishes where its ACL forbids.
     disconnect_on_acl_denial: bool = False
     #: ``/metrics`` answers only with an API key (any role, viewer or higher).

@@ -69,6 +69,17 @@ class GuardedStreamReader(asyncio.StreamReader):
         if guard.tripped is None:
             super().feed_data(data)
 
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        self.guard.eof = True
+        self.guard.ended()
+
+    def set_exception(self, exc: Exception) -> None:
+        # A connection reset ends the stream with an error instead of an EOF.
+        super().set_exception(exc)
+        self.guard.eof = True
+        self.guard.ended()
+
 
 class PacketGuard:
     """The MQTT framing of one connection's incoming bytes, and its limits."""
@@ -93,6 +104,10 @@ class PacketGuard:
         #: Bytes arrived so far, and where the first packet (the CONNECT) ended among them.
         self.arrived = 0
         self.connect_end: int | None = None
+        #: The peer closed its side: no more bytes will come.
+        self.eof = False
+        #: Resolved once the whole CONNECT arrived or the stream ended (see :meth:`connect_arrived`).
+        self._connect_waiter: asyncio.Future[None] | None = None
 
     # -- framing -----------------------------------------------------------------------------
 
@@ -145,6 +160,26 @@ class PacketGuard:
         self._limit = self._max_packet
         if self.connect_end is None:
             self.connect_end = position
+            self.ended()
+
+    async def connect_arrived(self) -> None:
+        """Return once the whole CONNECT has arrived, or the stream ended (tripped or closed).
+
+        node.broker admits a connection to its CONNECT set-up only then: a peer that sends
+        its CONNECT slowly (or never) waits here, where the stall timeout applies, and holds
+        no admission slot that complete CONNECTs wait for.
+        """
+        if self.connect_end is not None or self.tripped is not None or self.eof:
+            return
+        if self._connect_waiter is None or self._connect_waiter.cancelled():  # (a cancelled wait)
+            self._connect_waiter = asyncio.get_running_loop().create_future()
+        await self._connect_waiter
+
+    def ended(self) -> None:
+        """The CONNECT is complete or no more bytes will come: wake :meth:`connect_arrived`."""
+        waiter = self._connect_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def stalled(self, now: float) -> bool:
         """A CONNECT, or a begun packet, that has not arrived whole within the timeout."""
@@ -155,6 +190,7 @@ class PacketGuard:
         if self.tripped is not None:
             return
         self.tripped = reason
+        self.ended()
         # End the stream for amqtt: what arrived before stays readable, a read that waits
         # for more ends (amqtt treats that as a lost connection).
         self._reader.feed_eof()

@@ -28,9 +28,14 @@ def connect(
     *,
     keepalive: int = 60,
     clean: bool = True,
+    will: tuple[str, bytes] | None = None,
 ) -> bytes:
+    """A CONNECT; *will* is (topic, message), sent with QoS 1 and retain."""
     flags = 0x02 if clean else 0
     payload = _str(client_id)
+    if will is not None:
+        flags |= 0x04 | (1 << 3) | 0x20
+        payload += _str(will[0]) + _str(will[1])
     if username is not None:
         flags |= 0x80
         payload += _str(username)

@@ -32,7 +32,19 @@ PINNED = {
         "f2d96f1fc4eca34f",
     ),
     # _initialize_client_session builds the handler through init_from_connect; we re-class it.
+    # NodeBroker replaces it whole (the CONNECT is authenticated before the session lookup,
+    # then the lookup as amqtt does it), answers a refused CONNECT as _handle_client_session
+    # would (attach + mqtt_connack_authorize), returns the verdict from _authenticate, and
+    # ends a taken-over connection of a persistent session without _handle_disconnect's will
+    # (calling _stop_handler).
     "Broker._initialize_client_session": (amqtt.broker.Broker._initialize_client_session, "5dd89158bbe46266"),
+    "Broker._authenticate": (amqtt.broker.Broker._authenticate, "4d7db8cc6fe2c3f6"),
+    "Broker._stop_handler": (amqtt.broker.Broker._stop_handler, "496013328caf21d0"),
+    "BrokerProtocolHandler.mqtt_connack_authorize": (
+        amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.mqtt_connack_authorize,
+        "4e64256ea1f5c73c",
+    ),
+    "ProtocolHandler.attach": (amqtt.mqtt.protocol.handler.ProtocolHandler.attach, "ff8ecc04c80a9feb"),
     "BrokerProtocolHandler.init_from_connect": (
         amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler.init_from_connect,
         "036dc04c1133a18f",

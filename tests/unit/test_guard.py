@@ -191,3 +191,52 @@ async def test_a_full_listener_answers_connack_3() -> None:
         owner.max_connections = 2
         assert not await owner.refuse_if_full(writer)
     assert stats.guard_closed == {"capacity": 1}
+
+
+async def _arrived(guard: PacketGuard) -> bool:
+    """Whether connect_arrived() returns once the loop has run what is ready."""
+    waiting = asyncio.ensure_future(guard.connect_arrived())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    done = waiting.done()
+    waiting.cancel()
+    return done
+
+
+@pytest.mark.anyio
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(min_size=1, max_size=300), cut=st.integers(min_value=1, max_value=301))
+async def test_connect_arrived_waits_for_the_whole_connect(body: bytes, cut: int) -> None:
+    """node.broker admits a set-up only once the CONNECT is whole; the bytes may come cut
+    anywhere (strategy: any body up to 300 bytes, cut once at any point inside it)."""
+    connect = packet(1, body)
+    cut = min(cut, len(connect) - 1)
+    async with guarded(IngestStats()) as (reader, guard, _):
+        waiting = asyncio.ensure_future(guard.connect_arrived())
+        reader.feed_data(connect[:cut])
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        reader.feed_data(connect[cut:])
+        await asyncio.wait_for(waiting, 5)
+        assert await _arrived(guard)  # and at once for a later caller
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("end", ["eof", "reset", "oversize", "swept"])
+async def test_connect_arrived_returns_when_the_stream_ends_first(end: str) -> None:
+    async with guarded(IngestStats(), packet_timeout=0.1) as (reader, guard, owner):
+        reader.feed_data(b"\x10")  # a CONNECT begun, never finished
+        assert not await _arrived(guard)
+        waiting = asyncio.ensure_future(guard.connect_arrived())
+        await asyncio.sleep(0)
+        if end == "eof":
+            reader.feed_eof()
+        elif end == "reset":
+            reader.set_exception(ConnectionResetError())
+        elif end == "oversize":
+            reader.feed_data(mqtt_raw._varlen(CONNECT_MAX_BYTES + 1))
+        else:
+            await asyncio.sleep(0.2)
+            assert owner.sweep() == 1
+        await asyncio.wait_for(waiting, 5)
+        assert guard.connect_end is None
