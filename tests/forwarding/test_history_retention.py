@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from actors.retention import DAY_S, RetentionActor, RetentionConfig
 from node.app import database_path
+from node.config import load_settings
+from storage.errors import ConfigError
 from storage.history_retention import FINISHED_COMMANDS, history_step
 from storage.records import HistoryCutoffs, RetentionPolicy
 from storage.retention import RetentionStore
@@ -42,6 +44,7 @@ def database() -> Iterator[sqlite3.Connection]:
         conn = sqlite3.connect(Path(tmp) / "node.sqlite3", isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = OFF")  # a throwaway file: no fsync per example
             migrate(conn)
             yield conn
         finally:
@@ -119,7 +122,7 @@ def check_commands_whole(c: sqlite3.Connection, commands: list[Command]) -> None
 OFFSETS = st.sampled_from([-30 * DAY_S, -DAY_S, -1.0, 0.0, 1.0, DAY_S])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     audit=st.lists(OFFSETS, max_size=8),
     events=st.lists(OFFSETS, max_size=8),
@@ -280,6 +283,30 @@ async def test_a_step_holds_the_write_lock_briefly_however_large_the_table(tmp_p
     assert len(durations) == rows // 1000 + 1
     # Generous for a busy shared machine; a table scan per step would show as a growing tail.
     assert p50 < 250
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("audit_retention_days", "-1"),
+        ("history_retention_days", "ninety"),
+        ("energy_retention_days", "40000"),  # past a century: surely a unit mistake
+    ],
+)
+def test_a_bad_retention_age_names_its_setting(setting: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(f"DEPOT_NODE_{setting.upper()}", value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.setting == setting
+
+
+def test_the_defaults_keep_a_year_of_audit_90_days_of_history_and_3_years_of_energy() -> None:
+    settings = load_settings()
+    assert (settings.audit_retention_days, settings.history_retention_days, settings.energy_retention_days) == (
+        365,
+        90,
+        1096,
+    )
 
 
 async def test_the_node_deletes_old_history_and_keeps_recent(tmp_path: Path) -> None:
