@@ -113,7 +113,8 @@ def _old_commands(c: sqlite3.Connection, before: float, limit: int) -> list[str]
     with their history (at least one). Read outside the write transaction: finished is final."""
     chosen: list[str] = []
     rows = 0
-    for command_id, history in c.execute(_OLD_COMMANDS, (before, limit)):
+    # fetchall: a half-read SELECT would keep its read transaction open into BEGIN IMMEDIATE.
+    for command_id, history in c.execute(_OLD_COMMANDS, (before, limit)).fetchall():
         if chosen and rows + 1 + history > limit:
             break
         chosen.append(command_id)
