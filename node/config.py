@@ -257,6 +257,15 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30.0, ge=0)
     retention_interval_s: float = Field(default=300.0, gt=0)
     retention_batch_rows: int = Field(default=1000, ge=1, le=100_000)
+    # History retention (storage/history_retention.py, ADR 0007), by age; 0 keeps forever.
+    #: Audit log rows are kept this many days.
+    audit_retention_days: float = Field(default=365.0, ge=0, le=36_525)
+    #: Connection events, cleared alerts and finished commands (with their state history) are
+    #: kept this many days after their last change.
+    history_retention_days: float = Field(default=90.0, ge=0, le=36_525)
+    #: Energy periods are kept this many days after their start (three years of billing data by
+    #: default); one the ``influxdb-energy`` forwarder has not sent yet is never deleted.
+    energy_retention_days: float = Field(default=1096.0, ge=0, le=36_525)
     # Energy per period (docs/energy.md):
     #: Compute consumed and regenerated energy per 5-minute period from the telemetry.
     energy_enabled: bool = True

@@ -11,9 +11,13 @@ the energy periods (``energy_periods``, cursor position = the last ``rev`` sent)
 ``energy`` measurement, to the same bucket, with its own cursor, retries, backlog, status and
 metrics. A period that changes (a late reading) is sent again and overwrites its point.
 
+Retention also deletes old history by age (audit log, connection events, cleared alerts,
+finished commands, energy periods: ``*_retention_days``), so it runs on every node whose
+settings do not keep all of that forever, forwarders or not.
+
 A forwarder or retention that crashes past its restart limit stays down (logged) and ingest goes
-on, like the alert actor. Both forwarders are off unless enabled: a node with nothing configured
-opens no connection and starts no task here.
+on, like the alert actor. Both forwarders are off unless enabled: a node with no forwarder and
+every ``*_retention_days`` at 0 opens no connection and starts no task here.
 """
 
 from __future__ import annotations
@@ -176,11 +180,16 @@ def build_forwarding(
             )
     if settings.s3_enabled:
         fw.children[S3] = _s3_child(settings, fw, stats.forwarders[S3], alerts, clock)
-    if not fw.children:
-        return fw
     retention_config = RetentionConfig(
-        days=settings.retention_days, interval=settings.retention_interval_s, batch_rows=settings.retention_batch_rows
+        days=settings.retention_days,
+        interval=settings.retention_interval_s,
+        batch_rows=settings.retention_batch_rows,
+        audit_days=settings.audit_retention_days,
+        history_days=settings.history_retention_days,
+        energy_days=settings.energy_retention_days,
     )
+    if not fw.children and retention_config.keeps_history:
+        return fw
     policy = retention_policy(settings)
 
     async def run_retention() -> None:
@@ -250,7 +259,7 @@ def retention_policy(settings: Settings) -> RetentionPolicy:
     ``energy_enabled`` it is in ``required`` too, so that it guards before its first cursor
     write (a fresh node, or one that had energy off), and when switched off in ``disabled``, so
     that a cursor it left behind does not hold telemetry forever. The energy stream's cursor
-    (``influxdb-energy``) is on ``energy_periods``, which retention never deletes.
+    (``influxdb-energy``) guards ``energy_periods`` (deleted by age) while that stream runs.
     """
     enabled = {
         INFLUXDB: settings.influxdb_enabled,
@@ -265,6 +274,7 @@ def retention_policy(settings: Settings) -> RetentionPolicy:
         },
         disabled=frozenset(name for name, on in enabled.items() if not on),
         required={"telemetry": frozenset({ENERGY_CURSOR})} if settings.energy_enabled else {},
+        energy_forwarders=frozenset({INFLUXDB_ENERGY}) if enabled[INFLUXDB_ENERGY] else frozenset(),
     )
 
 

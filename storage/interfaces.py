@@ -22,6 +22,7 @@ from storage.records import (
     EnergyNeighbours,
     EnergyPeriod,
     EnergyReading,
+    HistoryCutoffs,
     NewCommand,
     PruneResult,
     QuarantinedAck,
@@ -129,6 +130,10 @@ class ForwardSink[T](Protocol):
 class RetentionStore(Protocol):
     async def prune_step(self, policy: RetentionPolicy, forwarded_before: float, limit: int) -> PruneResult:
         """Delete at most *limit* rows of one table that retention allows (:mod:`storage.retention`)."""
+        ...
+
+    async def prune_history_step(self, policy: RetentionPolicy, cutoffs: HistoryCutoffs, limit: int) -> PruneResult:
+        """Delete at most *limit* old rows of one history table (:mod:`storage.history_retention`)."""
         ...
 
 

@@ -244,6 +244,20 @@ class RetentionPolicy:
     disabled: frozenset[str] = frozenset()
     #: Enabled non-forwarding consumers per source that guard even before they have a cursor.
     required: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: Enabled forwarders of ``energy_periods`` (by ``rev``): a period above any of their cursors
+    #: has not been sent and is never deleted.
+    energy_forwarders: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryCutoffs:
+    """Rows of the history tables older than these go (None: that table is kept forever).
+    Times are epoch seconds, except ``energy_before_ms`` (period start, epoch milliseconds)."""
+
+    audit_before: float | None = None
+    #: Connection events, cleared alerts, finished commands with their history.
+    history_before: float | None = None
+    energy_before_ms: int | None = None
 
 
 @dataclass(slots=True)

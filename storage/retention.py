@@ -16,7 +16,9 @@ The rule (ADR 0007): a row of a source is deleted only when
 
 A raw message that typed readings still reference (``telemetry.raw_id``) keeps its row, and its
 payload is emptied instead (it has been archived; the row stays for the reference). Quarantine
-rows go with their raw message. Nothing else is ever deleted here.
+rows go with their raw message. The history tables (audit log, connection events, cleared
+alerts, finished commands, energy periods) go by age instead: :mod:`storage.history_retention`,
+through :meth:`RetentionStore.prune_history_step`, on the same connection.
 
 Each call of :meth:`RetentionStore.prune_step` is one short transaction on a connection of its
 own that deletes at most ``limit`` rows of one table, so the ingest writer waits a few
@@ -30,8 +32,9 @@ from pathlib import Path
 
 import anyio
 
+from storage.history_retention import history_step
 from storage.outbox import SOURCES, Source, open_connection, run_in_thread
-from storage.records import PruneResult, RetentionPolicy
+from storage.records import HistoryCutoffs, PruneResult, RetentionPolicy
 
 
 class RetentionStore:
@@ -47,6 +50,10 @@ class RetentionStore:
     async def prune_step(self, policy: RetentionPolicy, forwarded_before: float, limit: int) -> PruneResult:
         """Delete at most *limit* rows of one table that the rule allows (see the module docs)."""
         return await run_in_thread(lambda c: self._step(c, policy, forwarded_before, limit), self._conn, self._limiter)
+
+    async def prune_history_step(self, policy: RetentionPolicy, cutoffs: HistoryCutoffs, limit: int) -> PruneResult:
+        """Delete at most *limit* old rows of one history table (:mod:`storage.history_retention`)."""
+        return await run_in_thread(lambda c: history_step(c, policy, cutoffs, limit), self._conn, self._limiter)
 
     def _step(self, c: sqlite3.Connection, policy: RetentionPolicy, cutoff: float, limit: int) -> PruneResult:
         result = PruneResult()

@@ -214,6 +214,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         OR supply IN ('dc_600v', 'dc_750v', 'dc_1500v', 'dc_3000v', 'ac_15kv_16.7hz', 'ac_25kv_50hz')
     );
     """,
+    # 9 (history retention, storage/history_retention.py): what retention finds old rows of the
+    # history tables by, so that a step stops after its batch instead of scanning a whole table
+    # while it holds the write lock.
+    """
+    CREATE INDEX IF NOT EXISTS audit_by_time ON audit_log (at);
+    CREATE INDEX IF NOT EXISTS device_events_by_time ON device_events (at);
+    CREATE INDEX IF NOT EXISTS alerts_cleared_by_time ON alerts (cleared_at) WHERE state = 'cleared';
+    CREATE INDEX IF NOT EXISTS energy_periods_by_start ON energy_periods (start_ms);
+    """,
 )
 
 

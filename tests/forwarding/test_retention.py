@@ -18,7 +18,7 @@ from node.config import Settings
 from node.forwarding import INFLUXDB_ENERGY, retention_policy
 from storage.energy import CURSOR_NAME as ENERGY_CURSOR
 from storage.outbox import Outbox
-from storage.records import PruneResult, RetentionPolicy
+from storage.records import HistoryCutoffs, PruneResult, RetentionPolicy
 from storage.retention import RetentionStore, retention_bound
 from storage.schema import migrate
 from storage.sqlite import SqliteStore
@@ -150,6 +150,9 @@ async def test_ingest_goes_on_while_a_large_table_is_pruned(store: SqliteStore, 
                     await committed.wait()
             return result
 
+        async def prune_history_step(self, policy: RetentionPolicy, cutoffs: HistoryCutoffs, limit: int) -> PruneResult:
+            return await retention.prune_history_step(policy, cutoffs, limit)
+
     actor = RetentionActor(
         Interleaved(), INFLUX_ONLY, RetentionConfig(days=1, batch_rows=1000, pause=0.001), deleted, clock=lambda: NOW
     )
@@ -244,10 +247,14 @@ def test_energy_is_required_when_enabled_and_disabled_when_off() -> None:
     off = node_policy(energy_enabled=False)
     assert off.required == {}
     assert ENERGY_CURSOR in off.disabled
-    # The energy stream's cursor follows energy_periods, which retention never deletes.
+    # The energy stream's cursor follows energy_periods (by rev), not a rowid source: it guards
+    # the periods while it runs, and nothing when energy is off.
     assert INFLUXDB_ENERGY not in on.disabled
     assert INFLUXDB_ENERGY in off.disabled
     assert all(INFLUXDB_ENERGY not in names for names in on.forwarders.values())
+    assert on.energy_forwarders == frozenset({INFLUXDB_ENERGY})
+    assert off.energy_forwarders == frozenset()
+    assert node_policy(influxdb_enabled=False).energy_forwarders == frozenset()
 
 
 async def test_the_node_policy_guards_telemetry_the_energy_aggregator_has_not_read(
