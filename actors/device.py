@@ -50,10 +50,9 @@ from storage.records import DeviceBatch, DeviceEvent, DeviceStateRecord, Quarant
 from storage.validation import (
     DEFAULT_MAX_FUTURE_SKEW_S,
     DeviceProfile,
+    ReadingRules,
     RegisterMark,
-    VoltageRange,
     advance,
-    check_reading,
 )
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ class DeviceActor:
         self._implausible_detail = ""
         # The validation context, loaded in run().
         self._profile: DeviceProfile | None = None
-        self._voltages: VoltageRange | None = None
+        self._rules = ReadingRules(None, None, config.max_future_skew)
         self._registers: RegisterMark | None = None
         self._profile_stale = False
 
@@ -141,8 +140,7 @@ class DeviceActor:
             self._last_seen = record.last_seen
             self._connected_since = record.connected_since
         context = await self._store.load_device_context(self.device_id, self._tracker.state.boot)
-        self._profile = context.profile
-        self._voltages = None if context.profile is None else context.profile.voltages
+        self._set_profile(context.profile)
         self._registers = context.registers
         while True:
             with anyio.move_on_after(self._config.idle_timeout) as idle:
@@ -160,6 +158,11 @@ class DeviceActor:
         """Take the device's registration from the store again before the next batch."""
         self._profile_stale = True
 
+    def _set_profile(self, profile: DeviceProfile | None) -> None:
+        self._profile = profile
+        voltages = None if profile is None else profile.voltages
+        self._rules = ReadingRules(profile, voltages, self._config.max_future_skew)
+
     async def _handle_batch(self, batch: list[DeviceMessage]) -> None:
         completions: list[Completion] = []
         self._events = []
@@ -171,9 +174,7 @@ class DeviceActor:
             if self._profile_stale:
                 # Inside the try: when the store fails, this batch's completions fail too.
                 self._profile_stale = False
-                profile = (await self._store.load_device_context(self.device_id, None)).profile
-                self._profile = profile
-                self._voltages = None if profile is None else profile.voltages
+                self._set_profile((await self._store.load_device_context(self.device_id, None)).profile)
             messages: list[RawMessage] = []
             for item in batch:
                 if self._fault_hook is not None:
@@ -310,14 +311,7 @@ class DeviceActor:
             self._stale_detail = f"boot {reading.boot} is lower than the current boot {tracker.state.boot}"
             self._quarantine(raw, QuarantineReason.STALE_BOOT, where + self._stale_detail)
             return
-        rejection = check_reading(
-            reading,
-            profile=self._profile,
-            voltages=self._voltages,
-            received_at=raw.received_at,
-            max_future_skew=self._config.max_future_skew,
-            registers=self._registers,
-        )
+        rejection = self._rules.check(reading, raw.received_at, self._registers)
         tracker.observe(reading.boot, reading.seq, accept=rejection is None)
         if rejection is not None:
             detail = where + rejection.detail

@@ -121,11 +121,13 @@ class DeviceLimiter:
 
     def __init__(self, limits: DeviceLimits) -> None:
         self.limits = limits
+        #: ``limits.enabled``, read once: :meth:`admit` runs for every PUBLISH.
+        self.enabled = limits.enabled
         self._buckets: dict[str, DeviceBuckets] = {}
 
     def admit(self, device_id: str, size: int, now: float) -> LimitKind | None:
         """None when *device_id* may send a message of *size* payload bytes at *now*."""
-        if not self.limits.enabled:
+        if not self.enabled:
             return None
         buckets = self._buckets.get(device_id)
         if buckets is None:

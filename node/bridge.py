@@ -114,14 +114,15 @@ class Bridge:
         """
         over_limit = None
         limiter = self.limiter
-        if limiter is not None:
+        if limiter is not None and limiter.enabled:
             exceeded = limiter.admit(parsed.device_id, len(payload), time.monotonic())
             if exceeded is not None:
                 over_limit = self._over_limit(parsed.device_id, exceeded)
                 if self.limit_action == "disconnect":
                     raise OverDeviceLimit(parsed.device_id, over_limit)
-        msg = Publish(parsed.device_id, parsed.kind, topic, payload, time.time(), done, over_limit)
-        if msg.kind is TopicKind.COMMANDS_ACK and self.commands is not None and over_limit is None:
+        kind = parsed.kind
+        msg = Publish(parsed.device_id, kind, topic, payload, time.time(), done, over_limit)
+        if kind is TopicKind.COMMANDS_ACK and self.commands is not None and over_limit is None:
             if not self.commands.ack_nowait(msg.device_id, topic, payload, msg.received_at, done):
                 return msg
             self._seen(msg)

@@ -77,7 +77,7 @@ from transitions.core import MachineError
 from actors.messages import Completion, Outcome, Publish
 from node.bridge import OverDeviceLimit
 from node.broker import NodeProtocolHandler
-from storage.contract import PUBLISH_KINDS, parse_topic
+from storage.contract import PUBLISH_KINDS, ParsedTopic, parse_topic
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -100,6 +100,8 @@ _MIN_PACKET: Final = 2
 _MAX_LENGTH_SHIFT: Final = 21
 #: A PUBLISH's topic length prefix.
 _TOPIC_PREFIX: Final = 2
+#: Allowed topics remembered per connection: a device may publish to four (PUBLISH_KINDS).
+_TOPIC_CACHE: Final = 4
 
 _HANDLERS: Final = {
     CONNACK: "handle_connack",
@@ -115,6 +117,13 @@ _HANDLERS: Final = {
     PUBLISH: "handle_publish",
     DISCONNECT: "handle_disconnect",
 }
+
+
+def _decode_topic(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedPacket("PUBLISH topic is not UTF-8 (MQTT-1.5.3-1)") from exc
 
 
 class MalformedPacket(Exception):  # noqa: N818 - a protocol condition, named as MQTT names it
@@ -307,6 +316,8 @@ class FastProtocolHandler(NodeProtocolHandler):
         stream: asyncio.StreamReader = reader._reader  # noqa: SLF001 - the adapter's stream, pinned
         self._stream_writer: asyncio.StreamWriter = writer._writer  # noqa: SLF001
         self._acks: collections.deque[_Ack] = collections.deque()
+        #: Topic bytes → (topic, parsed) of the topics this connection was allowed to publish to.
+        self._topics: dict[bytes, tuple[str, ParsedTopic]] = {}
         self._tasks: list[asyncio.Task[None]] = []  # rare packets' handlers (a list: 56 bytes idle)
         loop = asyncio.get_running_loop()
         self._last_rx = loop.time()
@@ -452,10 +463,9 @@ class FastProtocolHandler(NodeProtocolHandler):
         cursor = start + 2 + topic_len
         if cursor > end:
             raise MalformedPacket("PUBLISH topic runs past the packet")
-        try:
-            topic = buf[start + 2 : cursor].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedPacket("PUBLISH topic is not UTF-8 (MQTT-1.5.3-1)") from exc
+        raw_topic = bytes(buf[start + 2 : cursor])
+        known = self._topics.get(raw_topic)
+        topic = known[0] if known is not None else _decode_topic(raw_topic)
         packet_id = 0
         if qos == QOS_1:
             if cursor + 2 > end:
@@ -467,6 +477,21 @@ class FastProtocolHandler(NodeProtocolHandler):
         elif first & 0x08:
             raise MalformedPacket("DUP flag on a QoS 0 PUBLISH (MQTT-3.3.1-2)")
         self.last_activity = self._last_rx
+        if known is None:
+            known = self._allowed(raw_topic, topic, qos, packet_id)
+            if known is None:
+                return None
+        done = None
+        if qos == QOS_1:
+            done = _Ack(packet_id, self._ack_ready)
+            self._acks.append(done)
+        return self.bridge.admit(known[1], topic, bytes(buf[cursor:end]), done)
+
+    def _allowed(self, raw_topic: bytes, topic: str, qos: int, packet_id: int) -> tuple[str, ParsedTopic] | None:
+        """The ACL check of a topic this connection has not published to yet: its parts when
+        the device may publish to it (remembered, so the connection's next PUBLISHes to it skip
+        decoding, parsing and this check); None when it may not (counted, and acknowledged at
+        QoS 1) or the session is gone. Raises :class:`_Denied` to close the connection."""
         session = self.session
         if session is None:
             return None
@@ -484,11 +509,10 @@ class FastProtocolHandler(NodeProtocolHandler):
                 self._acks.append(ack)
                 self._ack_ready(Outcome.DURABLE)
             return None
-        done: _Ack | None = None
-        if qos == QOS_1:
-            done = _Ack(packet_id, self._ack_ready)
-            self._acks.append(done)
-        return bridge.admit(parsed, topic, bytes(buf[cursor:end]), done)
+        known = (topic, parsed)
+        if len(self._topics) < _TOPIC_CACHE:
+            self._topics[raw_topic] = known
+        return known
 
     def _ack_ready(self, outcome: Outcome) -> None:
         """An acknowledgement became ready: a commit's completion (called from the storage

@@ -56,7 +56,9 @@ PINGREQ = b"\xc0\x00"
 
 @dataclass(frozen=True)
 class Op:
-    """One packet of a scenario: ``own`` telemetry (QoS 0 or 1), a ``denied`` publish, a ``ping``."""
+    """One packet of a scenario: ``own`` telemetry or ``status`` (QoS 0 or 1), a ``denied``
+    publish, a ``ping``. A connection remembers the topics it was allowed to publish to, so a
+    scenario mixes two allowed topics with denied ones in any order."""
 
     kind: str
     qos: int = 1
@@ -65,6 +67,7 @@ class Op:
 ops = st.lists(
     st.one_of(
         st.builds(Op, st.just("own"), st.sampled_from([0, 1])),
+        st.builds(Op, st.just("status"), st.sampled_from([0, 1])),
         st.builds(Op, st.just("denied"), st.sampled_from([0, 1])),
         st.builds(Op, st.just("ping")),
     ),
@@ -86,12 +89,25 @@ def encode(device_id: str, scenario: list[Op]) -> tuple[bytes, list[tuple[int, i
         if op.kind == "own":
             topic, payload = f"iot/{device_id}/telemetry", telemetry(device_id, 1, seq)
             seq += 1
+        elif op.kind == "status":
+            topic, payload = f"iot/{device_id}/status", b'{"state": "ok"}'
         else:
             topic, payload = "iot/someone-else/telemetry", telemetry("someone-else", 1, n)
         wire += mqtt_raw.publish(topic, payload, qos=op.qos, packet_id=n)
         if op.qos:
             expected.append((PUBACK, n))
     return bytes(wire), expected, seq
+
+
+async def publish_denials(node: RunningNode) -> float:
+    """The node's count of denied PUBLISHes (``depot_node_acl_denied_total``)."""
+    async with node.http() as client:
+        resp = await client.get("/metrics")
+    assert resp.status_code == 200, resp.text
+    for line in resp.text.splitlines():
+        if line.startswith('depot_node_acl_denied_total{action="publish"}'):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def acks(responses: list[tuple[int, int]]) -> list[int]:
@@ -124,7 +140,8 @@ def exchange(port: int, connect: bytes, pieces: Iterator[bytes], responses: int)
 
 async def test_split_and_coalesced_packets_are_acked_in_arrival_order(node: RunningNode) -> None:
     """Hypothesis: any mix of own/denied QoS 0/1 PUBLISHes and PINGREQs, cut at arbitrary
-    byte offsets: the PUBACKs come in arrival order and every own message is stored once."""
+    byte offsets: the PUBACKs come in arrival order, every own message is stored once, and
+    every denied one is denied (and counted), however often the allowed topics came before."""
     count = 0
 
     @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -136,7 +153,18 @@ async def test_split_and_coalesced_packets_are_acked_in_arrival_order(node: Runn
         secret = anyio.from_thread.run(node.register, device_id)
         wire, expected, stored = encode(device_id, scenario)
         connect = mqtt_raw.connect(device_id, device_id, secret)
+        denials = anyio.from_thread.run(publish_denials, node)
         got = exchange(node.mqtt_port, connect, chunks(wire, cuts), len(expected))
+        denied = sum(op.kind == "denied" for op in scenario)
+
+        async def denials_since() -> float:
+            # A denied QoS 0 PUBLISH at the end gets no answer to wait for: poll the count.
+            with anyio.move_on_after(10):
+                while await publish_denials(node) - denials < denied:
+                    await anyio.sleep(0.02)
+            return await publish_denials(node) - denials
+
+        assert anyio.from_thread.run(denials_since) == denied
         # PUBACKs in PUBLISH order (MQTT-4.6.0-2); a PINGRESP may overtake a PUBACK that is
         # still waiting for its commit (MQTT orders acknowledgements, not other packets).
         assert acks(got) == acks(expected)
