@@ -23,7 +23,7 @@ from actors.energy_aggregator import EnergyAggregator, EnergyConfig
 from actors.stats import EnergyStats
 from actors.supervisor import RestartPolicy, supervise
 from storage.errors import StorageError
-from storage.records import EnergyInput, EnergyNeighbours, EnergyPeriod, EnergyReading
+from storage.records import EnergyHead, EnergyInput, EnergyNeighbours, EnergyPeriod, EnergyReading
 from tests.energy_scenario import BOOT7, BOOT8, DEVICE, EXPECTED, EXPECTED_BEFORE_LATE, LATE, MIN, T0_MS
 from tests.unit.test_energy import approx, boot_readings
 
@@ -62,7 +62,9 @@ class FakeEnergyStore:
         await self._io()
         return [EnergyInput(i, d, r) for i, d, r in self.rows if i > after][:limit]
 
-    async def neighbours(self, keys: Sequence[tuple[str, int, int]], old_until: int) -> list[EnergyNeighbours]:
+    async def neighbours(
+        self, keys: Sequence[tuple[str, int, int]], old_until: int, until: int
+    ) -> list[EnergyNeighbours]:
         await self._io()
 
         def near(device: str, boot: int, seq: int, until: int) -> tuple[EnergyReading | None, EnergyReading | None]:
@@ -73,14 +75,26 @@ class FakeEnergyStore:
 
         out = []
         for device, boot, seq in keys:
-            pred, succ = near(device, boot, seq, len(self.rows))
+            pred, succ = near(device, boot, seq, until)
             old_pred, old_succ = near(device, boot, seq, old_until)
             out.append(EnergyNeighbours(pred, succ, old_pred, old_succ))
         return out
 
-    async def window_readings(self, windows: Sequence[tuple[str, int, int]]) -> list[list[EnergyReading]]:
+    async def window_readings(self, windows: Sequence[tuple[str, int, int]], until: int) -> list[list[EnergyReading]]:
         await self._io()
-        return [[r for _, d, r in self.rows if d == device] for device, _, _ in windows]
+        return [[r for i, d, r in self.rows if d == device and i <= until] for device, _, _ in windows]
+
+    async def heads(self, devices: Sequence[str], until: int) -> list[EnergyHead | None]:
+        await self._io()
+        out: list[EnergyHead | None] = []
+        for device in devices:
+            mine = [r for i, d, r in self.rows if d == device and i <= until]
+            if not mine:
+                out.append(None)
+                continue
+            tip = max(mine, key=lambda r: (r.boot, r.seq))
+            out.append(EnergyHead(tip, max(r.ts_ms for r in mine if r.ts_ms >= period_of(tip.ts_ms))))
+        return out
 
     async def save_energy(self, periods: Sequence[tuple[str, EnergyPeriod]], position: int) -> int:
         await self._io()
