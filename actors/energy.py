@@ -167,11 +167,11 @@ class Window:
         are then partly applied and the window must be thrown away (computed from scratch).
         Written out flat: it runs once per reading.
         """
-        duration = b.ts_ms - a.ts_ms
-        imp, exp = b.import_kwh - a.import_kwh, b.export_kwh - a.export_kwh
+        _, a_seq, a_ts, a_imp, a_exp, ai, ae = a
+        _, b_seq, b_ts, b_imp, b_exp, bi, be = b
+        duration = b_ts - a_ts
+        imp, exp = b_imp - a_imp, b_exp - a_exp
         rimp = rexp = None
-        ai, ae = a.reactive_import_kvarh, a.reactive_export_kvarh
-        bi, be = b.reactive_import_kvarh, b.reactive_export_kvarh
         has_a, has_b = ai is not None and ae is not None, bi is not None and be is not None
         decreasing = imp < 0 or exp < 0
         if ai is not None and ae is not None and bi is not None and be is not None:
@@ -182,8 +182,8 @@ class Window:
                 self._flag(lo, hi)
             return True
         # One reading has reactive registers and the other not: the reactive energy is unknown.
-        exact = b.seq == a.seq + 1 and duration <= PERIOD_MS and has_a == has_b
-        start = a.ts_ms - a.ts_ms % PERIOD_MS
+        exact = b_seq == a_seq + 1 and duration <= PERIOD_MS and has_a == has_b
+        start = a_ts - a_ts % PERIOD_MS
         if duration == 0:
             # Two readings at the same millisecond: whatever energy lies between is in that period.
             acc = self._at(start)
@@ -191,10 +191,11 @@ class Window:
                 acc.credit(imp, exp, rimp, rexp, 1.0)
                 acc.flagged |= not exact
             return True
-        while start < b.ts_ms:
+        while start < b_ts:
             acc = self._at(start)
             if acc is not None:
-                lo, hi = max(a.ts_ms, start), min(b.ts_ms, start + PERIOD_MS)
+                end = start + PERIOD_MS
+                lo, hi = (a_ts if a_ts > start else start), (b_ts if b_ts < end else end)
                 if not acc.cover(lo, hi):
                     return False
                 acc.credit(imp, exp, rimp, rexp, (hi - lo) / duration)

@@ -96,7 +96,7 @@ class EnergyAggregator:
             return 0
         until = rows[-1].rowid
         try:
-            periods = await self._aggregate(rows, position, until)
+            periods, recomputed = await self._aggregate(rows, position, until)
             changed = await self._store.save_energy(periods, until)
         except BaseException:
             # The memory may now be ahead of the store: start again from the store.
@@ -104,12 +104,16 @@ class EnergyAggregator:
             raise
         self._position = self._stats.position = until
         self._stats.readings += len(rows)
+        self._stats.readings_recomputed += recomputed
         self._stats.periods_written += changed
         self._stats.batches += 1
         return len(rows)
 
-    async def _aggregate(self, rows: list[EnergyInput], position: int, until: int) -> list[tuple[str, EnergyPeriod]]:
-        """Every period the new *rows* (rowids ``position < id <= until``) change, as it is now."""
+    async def _aggregate(
+        self, rows: list[EnergyInput], position: int, until: int
+    ) -> tuple[list[tuple[str, EnergyPeriod]], int]:
+        """Every period the new *rows* (rowids ``position < id <= until``) change, as it is now,
+        and how many of the rows were recomputed from the table."""
         by_device: dict[str, list[EnergyReading]] = defaultdict(list)
         for row in rows:
             by_device[row.device_id].append(row.reading)
@@ -123,10 +127,10 @@ class EnergyAggregator:
                 cold.add(device)
             else:
                 out += [(device, p) for p in changed]
-        if cold:
-            self._stats.readings_recomputed += sum(len(by_device[d]) for d in cold)
-            out += await self._recompute([row for row in rows if row.device_id in cold], position, until)
-        return out
+        if not cold:
+            return out, 0
+        slow = [row for row in rows if row.device_id in cold]
+        return out + await self._recompute(slow, position, until), len(slow)
 
     async def _recompute(self, rows: list[EnergyInput], position: int, until: int) -> list[tuple[str, EnergyPeriod]]:
         """Every period the new *rows* can change, recomputed from the table (rows up to

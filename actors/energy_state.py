@@ -61,26 +61,27 @@ class DeviceEnergy:
         period they changed; None when one of them needs the table (the state is then spoiled)."""
         window = self.open
         window.track()
-        # Written out flat (no period_of calls): it runs once per reading.
+        add, tip, opened = window.add, self.tip, window.start_ms
+        # Written out flat, in locals: it runs once per reading.
         for r in readings:
-            tip = self.tip
             if r.boot == tip.boot:
                 if r.seq <= tip.seq:
                     return None  # late or out of order: it may split an interval
-                first = min(tip.ts_ms, r.ts_ms)
-                if first - first % PERIOD_MS < window.start_ms:
+                first = r.ts_ms if r.ts_ms < tip.ts_ms else tip.ts_ms
+                if first - first % PERIOD_MS < opened:
                     return None  # reaches a period that is not open
-                if not window.add(tip, r, max_interval_ms):
+                if not add(tip, r, max_interval_ms):
                     return None
             elif r.boot < tip.boot:
                 return None
             # A reading of a newer boot makes no interval: it only becomes the tip.
-            self.tip = r
+            tip = r
             floor = r.ts_ms - r.ts_ms % PERIOD_MS
-            if floor > window.start_ms:
+            if floor > opened:
                 # Periods before the tip's are final for readings in order: forget them.
-                window.start_ms = floor
+                opened = window.start_ms = floor
                 accs = window.accumulators()
                 for start in [s for s in accs if s < floor]:
                     del accs[start]
+        self.tip = tip
         return window.changed()
