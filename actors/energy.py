@@ -15,9 +15,11 @@ The rules are specified in ``docs/energy.md`` and decided in ADR 0008; in short:
   the registers, and the energy between the two boots is unknown.
 * A period is complete when counted intervals cover all of it and none of them flagged it.
 
-Every period is recomputed from scratch from the intervals that touch it, in ``(boot, seq)``
-order, so the result depends only on the set of stored readings, never on the order in which
-they arrived: a late reading just makes the aggregator recompute the periods it affects.
+Every period is computed from the intervals that touch it, in ``(boot, seq)`` order, so the
+result depends only on the set of stored readings, never on the order in which they arrived:
+a late reading just makes the aggregator recompute the periods it affects. :meth:`Window.add`
+is the one place that applies an interval, both from scratch and when the aggregator extends a
+meter's open periods with a reading in order (``actors.energy_state``, ADR 0013).
 
 This module does no I/O and never raises for odd data; it only classifies it.
 """
