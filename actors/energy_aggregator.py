@@ -117,20 +117,35 @@ class EnergyAggregator:
         by_device: dict[str, list[EnergyReading]] = defaultdict(list)
         for row in rows:
             by_device[row.device_id].append(row.reading)
-        out: list[tuple[str, EnergyPeriod]] = []
-        cold: set[str] = set()
+        out: dict[tuple[str, int], EnergyPeriod] = {}
+        cold: set[str] = set()  # every row of these devices is recomputed
+        late: set[tuple[str, int, int]] = set()  # and these rows of the others
         for device, readings in by_device.items():
-            state = self._devices.get(device)
-            changed = None if state is None else state.extend(readings, self._config.max_interval_ms)
-            if changed is None:
-                self._devices.pop(device, None)
+            state = self._devices.pop(device, None)
+            if state is None:
                 cold.add(device)
+                continue
+            tip = (state.tip.boot, state.tip.seq)
+            newer = [r for r in readings if (r.boot, r.seq) > tip]
+            changed = state.extend(newer, self._config.max_interval_ms)
+            if changed is None:
+                cold.add(device)
+                continue
+            out.update(((device, p.start_ms), p) for p in changed)
+            if len(newer) == len(readings):
+                self._devices[device] = state
             else:
-                out += [(device, p) for p in changed]
-        if not cold:
-            return out, 0
-        slow = [row for row in rows if row.device_id in cold]
-        return out + await self._recompute(slow, position, until), len(slow)
+                # Late rows only split intervals among the rows aggregated before (their seq is
+                # below the tip's), never one of the newer rows': recompute just them, and load
+                # the state again, since they may reach the open periods.
+                late.update((device, r.boot, r.seq) for r in readings if (r.boot, r.seq) <= tip)
+        slow = [
+            row for row in rows if row.device_id in cold or (row.device_id, row.reading.boot, row.reading.seq) in late
+        ]
+        if slow:
+            # Recomputed periods are complete as of *until*: they replace what the state gave.
+            out.update(((device, p.start_ms), p) for device, p in await self._recompute(slow, position, until))
+        return [(device, p) for (device, _), p in out.items()], len(slow)
 
     async def _recompute(self, rows: list[EnergyInput], position: int, until: int) -> list[tuple[str, EnergyPeriod]]:
         """Every period the new *rows* can change, recomputed from the table (rows up to

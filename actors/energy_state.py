@@ -57,13 +57,18 @@ class DeviceEnergy:
         return cls(tip, Window(start, _NO_END, accs, keep_spans=False))
 
     def extend(self, readings: Iterable[EnergyReading], max_interval_ms: int) -> list[EnergyPeriod] | None:
-        """Take *readings* (newer rows of this device, in rowid order) in, and return every open
-        period they changed; None when one of them needs the table (the state is then spoiled)."""
+        """Take *readings* (this device's new rows) in, and return every open period they
+        changed; None when one of them needs the table (the state is then spoiled).
+
+        They are taken in ``(boot, seq)`` order (a reading held back for a moment that still
+        comes after the tip stays on this path): the final state depends only on the set.
+        """
         window = self.open
         window.track()
         add, tip, opened = window.add, self.tip, window.start_ms
-        # Written out flat, in locals: it runs once per reading.
-        for r in readings:
+        # Written out flat, in locals: it runs once per reading. Named tuples sort by
+        # (boot, seq) first, which are unique per device, so no key function is needed.
+        for r in sorted(readings):
             if r.boot == tip.boot:
                 if r.seq <= tip.seq:
                     return None  # late or out of order: it may split an interval
