@@ -15,9 +15,11 @@ The rules are specified in ``docs/energy.md`` and decided in ADR 0008; in short:
   the registers, and the energy between the two boots is unknown.
 * A period is complete when counted intervals cover all of it and none of them flagged it.
 
-Every period is recomputed from scratch from the intervals that touch it, in ``(boot, seq)``
-order, so the result depends only on the set of stored readings, never on the order in which
-they arrived: a late reading just makes the aggregator recompute the periods it affects.
+Every period is computed from the intervals that touch it, in ``(boot, seq)`` order, so the
+result depends only on the set of stored readings, never on the order in which they arrived:
+a late reading just makes the aggregator recompute the periods it affects. :meth:`Window.add`
+is the one place that applies an interval, both from scratch and when the aggregator extends a
+meter's open periods with a reading in order (``actors.energy_state``, ADR 0013).
 
 This module does no I/O and never raises for odd data; it only classifies it.
 """
@@ -50,15 +52,46 @@ class _Acc:
     regenerated: float = 0.0
     reactive_import: float | None = None
     reactive_export: float | None = None
+    #: Time covered: the union of the spans below while they come in time order (the usual
+    #: case, each one starting where or after the last ended), so no union is ever sorted.
     covered: int = 0
     flagged: bool = False
-    #: The stretches counted intervals cover, for the union (only the window's periods keep them).
-    spans: list[tuple[int, int]] = field(default_factory=list)
+    #: Where the latest span ends.
+    end: int = -(1 << 62)
+    #: The spans counted intervals cover, for the union once one comes out of time order.
+    #: None when they are not kept (the incremental state once its spans are in order).
+    spans: list[tuple[int, int]] | None = None
+    #: A span came out of time order: ``covered`` is worked out from ``spans`` at freeze.
+    disordered: bool = False
+
+    def cover(self, lo: int, hi: int) -> bool:
+        """Add the stretch ``[lo, hi)``; False when it is out of time order and the spans are
+        not kept (nothing changed then)."""
+        if lo >= self.end:
+            self.covered += hi - lo
+            self.end = hi
+            if self.spans is not None:
+                self.spans.append((lo, hi))
+            return True
+        if self.spans is None:
+            return False
+        self.spans.append((lo, hi))
+        self.disordered = True
+        self.end = max(self.end, hi)
+        return True
+
+    def credit(self, imp: float, exp: float, rimp: float | None, rexp: float | None, fraction: float) -> None:
+        """Add *fraction* of an interval's register differences (reactive ones None: not known)."""
+        self.consumed += imp * fraction
+        self.regenerated += exp * fraction
+        if rimp is not None and rexp is not None:
+            self.reactive_import = (self.reactive_import or 0.0) + rimp * fraction
+            self.reactive_export = (self.reactive_export or 0.0) + rexp * fraction
 
     def freeze(self, start_ms: int) -> EnergyPeriod:
         covered = self.covered
         flagged = self.flagged
-        if self.spans:
+        if self.disordered and self.spans is not None:
             covered = _union(self.spans)
             # Time covered twice: two boots (or a clock that went back) claim the same stretch,
             # and the energy of one of them belongs elsewhere.
@@ -86,28 +119,6 @@ def _union(spans: list[tuple[int, int]]) -> int:
     return total
 
 
-@dataclass(frozen=True, slots=True)
-class _Deltas:
-    active: tuple[float, float]
-    #: None: neither reading has reactive registers.
-    reactive: tuple[float, float] | None
-    #: One reading has reactive registers, the other does not.
-    reactive_mismatch: bool
-
-    @property
-    def decreasing(self) -> bool:
-        return min(self.active) < 0 or (self.reactive is not None and min(self.reactive) < 0)
-
-
-def _deltas(a: EnergyReading, b: EnergyReading) -> _Deltas:
-    active = (b.import_kwh - a.import_kwh, b.export_kwh - a.export_kwh)
-    ai, ae, bi, be = a.reactive_import_kvarh, a.reactive_export_kvarh, b.reactive_import_kvarh, b.reactive_export_kvarh
-    if ai is not None and ae is not None and bi is not None and be is not None:
-        return _Deltas(active, (bi - ai, be - ae), reactive_mismatch=False)
-    has_a, has_b = ai is not None and ae is not None, bi is not None and be is not None
-    return _Deltas(active, None, reactive_mismatch=has_a != has_b)
-
-
 def intervals(readings: Iterable[EnergyReading]) -> Iterator[tuple[EnergyReading, EnergyReading]]:
     """Neighbouring readings of each boot, in ``(boot, seq)`` order (duplicates are ignored)."""
     ordered = sorted({(r.boot, r.seq): r for r in readings}.values(), key=lambda r: (r.boot, r.seq))
@@ -130,11 +141,20 @@ class Window:
     start_ms: int
     end_ms: int
     _acc: dict[int, _Acc] = field(default_factory=dict)
+    #: Keep every span (a window computed from scratch); the incremental state does not.
+    keep_spans: bool = True
+    #: When set, every period an :meth:`add` reaches is recorded here (what a batch changed).
+    touched: dict[int, _Acc] | None = None
 
     def _at(self, start: int) -> _Acc | None:
         if not self.start_ms <= start < self.end_ms:
             return None
-        return self._acc.setdefault(start, _Acc())
+        acc = self._acc.get(start)
+        if acc is None:
+            acc = self._acc[start] = _Acc(spans=[] if self.keep_spans else None)
+        if self.touched is not None:
+            self.touched[start] = acc
+        return acc
 
     def _flag(self, lo: int, hi: int) -> None:
         for start in range(max(period_of(lo), self.start_ms), min(period_of(hi), self.end_ms - 1) + 1, PERIOD_MS):
@@ -142,31 +162,48 @@ class Window:
             if acc is not None:
                 acc.flagged = True
 
-    def add(self, a: EnergyReading, b: EnergyReading, max_interval_ms: int) -> None:
-        """Apply the interval ``a → b`` (neighbours of one boot) to the periods in this window."""
-        duration = b.ts_ms - a.ts_ms
-        d = _deltas(a, b)
-        if not 0 <= duration <= max_interval_ms or d.decreasing:
+    def add(self, a: EnergyReading, b: EnergyReading, max_interval_ms: int) -> bool:
+        """Apply the interval ``a → b`` (neighbours of one boot) to the periods in this window.
+
+        False only without ``keep_spans``, when a span comes out of time order: the periods
+        are then partly applied and the window must be thrown away (computed from scratch).
+        Written out flat: it runs once per reading.
+        """
+        _, a_seq, a_ts, a_imp, a_exp, ai, ae = a
+        _, b_seq, b_ts, b_imp, b_exp, bi, be = b
+        duration = b_ts - a_ts
+        imp, exp = b_imp - a_imp, b_exp - a_exp
+        rimp = rexp = None
+        has_a, has_b = ai is not None and ae is not None, bi is not None and be is not None
+        decreasing = imp < 0 or exp < 0
+        if ai is not None and ae is not None and bi is not None and be is not None:
+            rimp, rexp = bi - ai, be - ae
+            decreasing = decreasing or rimp < 0 or rexp < 0
+        if not 0 <= duration <= max_interval_ms or decreasing:
             for lo, hi in effect_span(a, b, max_interval_ms):
                 self._flag(lo, hi)
-            return
-        exact = b.seq == a.seq + 1 and duration <= PERIOD_MS and not d.reactive_mismatch
+            return True
+        # One reading has reactive registers and the other not: the reactive energy is unknown.
+        exact = b_seq == a_seq + 1 and duration <= PERIOD_MS and has_a == has_b
+        start = a_ts - a_ts % PERIOD_MS
         if duration == 0:
             # Two readings at the same millisecond: whatever energy lies between is in that period.
-            acc = self._at(period_of(a.ts_ms))
-            if acc is not None:
-                _credit(acc, d, 1.0)
-                acc.flagged |= not exact
-            return
-        start = period_of(a.ts_ms)
-        while start < b.ts_ms:
             acc = self._at(start)
             if acc is not None:
-                overlap = min(b.ts_ms, start + PERIOD_MS) - max(a.ts_ms, start)
-                _credit(acc, d, overlap / duration)
-                acc.spans.append((max(a.ts_ms, start), min(b.ts_ms, start + PERIOD_MS)))
+                acc.credit(imp, exp, rimp, rexp, 1.0)
+                acc.flagged |= not exact
+            return True
+        while start < b_ts:
+            acc = self._at(start)
+            if acc is not None:
+                end = start + PERIOD_MS
+                lo, hi = (a_ts if a_ts > start else start), (b_ts if b_ts < end else end)
+                if not acc.cover(lo, hi):
+                    return False
+                acc.credit(imp, exp, rimp, rexp, (hi - lo) / duration)
                 acc.flagged |= not exact
             start += PERIOD_MS
+        return True
 
     def periods(self) -> list[EnergyPeriod]:
         """Every period of the window, oldest first (untouched ones empty and incomplete)."""
@@ -174,13 +211,18 @@ class Window:
             (self._acc.get(start) or _Acc()).freeze(start) for start in range(self.start_ms, self.end_ms, PERIOD_MS)
         ]
 
+    def track(self) -> None:
+        """Record the periods that :meth:`add` reaches from now on."""
+        self.touched = {}
 
-def _credit(acc: _Acc, d: _Deltas, fraction: float) -> None:
-    acc.consumed += d.active[0] * fraction
-    acc.regenerated += d.active[1] * fraction
-    if d.reactive is not None:
-        acc.reactive_import = (acc.reactive_import or 0.0) + d.reactive[0] * fraction
-        acc.reactive_export = (acc.reactive_export or 0.0) + d.reactive[1] * fraction
+    def changed(self) -> list[EnergyPeriod]:
+        """The periods :meth:`add` reached since :meth:`track`, as they are now; stops recording."""
+        touched, self.touched = self.touched or {}, None
+        return [acc.freeze(start) for start, acc in touched.items()]
+
+    def accumulators(self) -> dict[int, _Acc]:
+        """The periods that intervals reached, by start (the incremental state starts from them)."""
+        return self._acc
 
 
 def compute_window(

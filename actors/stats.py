@@ -94,6 +94,9 @@ class EnergyStats:
     #: The last telemetry rowid aggregated (the ``energy`` cursor).
     position: int = 0
     readings: int = 0
+    #: Of those, rows whose periods were recomputed from the table (late or out-of-order
+    #: readings, a clock that went back, a device's first rows after a start), not extended in memory.
+    readings_recomputed: int = 0
     batches: int = 0
     #: Period rows inserted or changed (a late reading changes periods already written).
     periods_written: int = 0

@@ -27,7 +27,7 @@ import anyio
 
 from storage.contract import format_ts
 from storage.errors import StorageError
-from storage.records import EnergyInput, EnergyNeighbours, EnergyPeriod, EnergyReading
+from storage.records import EnergyHead, EnergyInput, EnergyNeighbours, EnergyPeriod, EnergyReading
 from storage.sqlite import SqliteStore
 
 CURSOR_NAME: Final = "energy"
@@ -44,13 +44,13 @@ _REGISTERS: Final = (
 def _reading(row: Sequence[Any]) -> EnergyReading:
     boot, seq, ts_ms, imp, exp, rimp, rexp = row
     return EnergyReading(
-        boot=boot,
-        seq=seq,
-        ts_ms=ts_ms,
-        import_kwh=float(imp),
-        export_kwh=float(exp),
-        reactive_import_kvarh=None if rimp is None else float(rimp),
-        reactive_export_kvarh=None if rexp is None else float(rexp),
+        boot,
+        seq,
+        ts_ms,
+        float(imp),
+        float(exp),
+        None if rimp is None else float(rimp),
+        None if rexp is None else float(rexp),
     )
 
 
@@ -64,7 +64,23 @@ def new_readings(conn: sqlite3.Connection, after: int, limit: int) -> list[Energ
         f"SELECT id, device_id, {_REGISTERS} FROM telemetry WHERE id > ? ORDER BY id LIMIT ?",  # noqa: S608 - constant columns
         (after, limit),
     ).fetchall()
-    return [EnergyInput(rowid=r[0], device_id=r[1], reading=_reading(r[2:])) for r in rows]
+    # Built inline: this runs once per telemetry row.
+    return [
+        EnergyInput(
+            rowid,
+            device_id,
+            EnergyReading(
+                boot,
+                seq,
+                ts_ms,
+                float(imp),
+                float(exp),
+                None if ri is None else float(ri),
+                None if re is None else float(re),
+            ),
+        )
+        for rowid, device_id, boot, seq, ts_ms, imp, exp, ri, re in rows
+    ]
 
 
 def _one(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> EnergyReading | None:
@@ -72,8 +88,8 @@ def _one(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> Energy
     return None if row is None else _reading(row)
 
 
-_PRED: Final = "device_id = ? AND boot = ? AND seq < ? ORDER BY seq DESC LIMIT 1"
-_SUCC: Final = "device_id = ? AND boot = ? AND seq > ? ORDER BY seq LIMIT 1"
+_PRED: Final = "device_id = ? AND boot = ? AND seq < ? AND id <= ? ORDER BY seq DESC LIMIT 1"
+_SUCC: Final = "device_id = ? AND boot = ? AND seq > ? AND id <= ? ORDER BY seq LIMIT 1"
 _ID_REGISTERS: Final = "id, " + _REGISTERS
 
 
@@ -85,24 +101,27 @@ def _near(conn: sqlite3.Connection, where: str, args: tuple[object, ...]) -> tup
 type _Found = tuple[int, EnergyReading] | None
 
 
-def _seq_range(conn: sqlite3.Connection, device_id: str, boot: int, lo: int, hi: int) -> list[EnergyReading]:
-    return [r for _, r in _seq_range_with_ids(conn, device_id, boot, lo, hi)]
+def _seq_range(
+    conn: sqlite3.Connection, device_id: str, boot: int, lo: int, hi: int, *, until: int
+) -> list[EnergyReading]:
+    return [r for _, r in _seq_range_with_ids(conn, device_id, boot, lo, hi, until=until)]
 
 
 def _seq_range_with_ids(
-    conn: sqlite3.Connection, device_id: str, boot: int, lo: int, hi: int
+    conn: sqlite3.Connection, device_id: str, boot: int, lo: int, hi: int, *, until: int
 ) -> list[tuple[int, EnergyReading]]:
     rows = conn.execute(
-        f"SELECT {_ID_REGISTERS} FROM telemetry WHERE device_id = ? AND boot = ? AND seq BETWEEN ? AND ? ORDER BY seq",  # noqa: S608
-        (device_id, boot, lo, hi),
+        f"SELECT {_ID_REGISTERS} FROM telemetry"  # noqa: S608 - constant columns
+        " WHERE device_id = ? AND boot = ? AND seq BETWEEN ? AND ? AND id <= ? ORDER BY seq",
+        (device_id, boot, lo, hi, until),
     ).fetchall()
     return [(r[0], _reading(r[1:])) for r in rows]
 
 
 def _current_neighbours(
-    conn: sqlite3.Connection, keys: Sequence[tuple[str, int, int]]
+    conn: sqlite3.Connection, keys: Sequence[tuple[str, int, int]], until: int
 ) -> dict[tuple[str, int, int], tuple[_Found, _Found]]:
-    """Each key's predecessor and successor in its boot, with their rowids.
+    """Each key's predecessor and successor in its boot among rowids <= *until*, with their rowids.
 
     Keys of one device and boot that lie close together (a batch of readings in order, the
     usual case) are answered from one range read plus two seeks; scattered ones by two index
@@ -117,12 +136,12 @@ def _current_neighbours(
         if hi - lo + 1 > 4 * len(seqs) + 64:
             for seq in seqs:
                 key = (device_id, boot, seq)
-                out[key] = (_near(conn, _PRED, key), _near(conn, _SUCC, key))
+                out[key] = (_near(conn, _PRED, (*key, until)), _near(conn, _SUCC, (*key, until)))
             continue
         ordered = [
-            _near(conn, _PRED, (device_id, boot, lo)),
-            *_seq_range_with_ids(conn, device_id, boot, lo, hi),
-            _near(conn, _SUCC, (device_id, boot, hi)),
+            _near(conn, _PRED, (device_id, boot, lo, until)),
+            *_seq_range_with_ids(conn, device_id, boot, lo, hi, until=until),
+            _near(conn, _SUCC, (device_id, boot, hi, until)),
         ]
         index = {found[1].seq: i for i, found in enumerate(ordered) if found is not None}
         for seq in seqs:
@@ -132,16 +151,17 @@ def _current_neighbours(
 
 
 def neighbours(
-    conn: sqlite3.Connection, keys: Sequence[tuple[str, int, int]], old_until: int
+    conn: sqlite3.Connection, keys: Sequence[tuple[str, int, int]], old_until: int, until: int
 ) -> list[EnergyNeighbours]:
-    """Each key's neighbours now, and among the rows with ``id <= old_until``.
+    """Each key's neighbours among the rows with ``id <= until``, and among those with
+    ``id <= old_until``.
 
     Two index seeks per key. The old neighbours are derived: a neighbour that is itself new
     has the old neighbour of that reading, worked out first by going through the keys in
     ``seq`` order (ascending for predecessors, descending for successors). Only a new neighbour
-    that is not among *keys* (committed after the batch was read) costs more seeks.
+    that is not among *keys* costs more seeks (the aggregator passes every new row of a device).
     """
-    now = _current_neighbours(conn, keys)
+    now = _current_neighbours(conn, keys, until)
     old: dict[tuple[str, int, int], list[EnergyReading | None]] = {key: [None, None] for key in keys}
     for side, where in ((0, _PRED), (1, _SUCC)):
         for key in sorted(keys, reverse=side == 1):
@@ -152,7 +172,7 @@ def neighbours(
                 if nkey in old and nkey != key:
                     old[key][side] = old[nkey][side]
                     break
-                found = _near(conn, where, nkey)
+                found = _near(conn, where, (*nkey, until))
             else:
                 old[key][side] = None if found is None else found[1]
     return [EnergyNeighbours(_reading_of(now[k][0]), _reading_of(now[k][1]), *old[k]) for k in keys]
@@ -163,9 +183,9 @@ def _reading_of(found: tuple[int, EnergyReading] | None) -> EnergyReading | None
 
 
 def window_readings(
-    conn: sqlite3.Connection, device_id: str, start_ms: int, end_ms: int, max_interval_ms: int
+    conn: sqlite3.Connection, device_id: str, start_ms: int, end_ms: int, max_interval_ms: int, *, until: int
 ) -> list[EnergyReading]:
-    """Every reading that an interval touching ``[start_ms, end_ms)`` needs.
+    """Every reading with ``id <= until`` that an interval touching ``[start_ms, end_ms)`` needs.
 
     The readings in the window; per boot, the last reading within *max_interval_ms* before it
     (an interval may span the whole window, and a longer one does not count); and per boot
@@ -175,15 +195,20 @@ def window_readings(
     """
     found: dict[tuple[int, int], EnergyReading] = {}
     rows = conn.execute(
-        f"SELECT {_REGISTERS} FROM telemetry WHERE device_id = ? AND ts_ms >= ? AND ts_ms < ?",  # noqa: S608
-        (device_id, start_ms, end_ms),
+        f"SELECT {_REGISTERS} FROM telemetry WHERE device_id = ? AND ts_ms >= ? AND ts_ms < ? AND id <= ?",  # noqa: S608
+        (device_id, start_ms, end_ms, until),
     ).fetchall()
     before = conn.execute(
-        "SELECT boot, max(ts_ms) FROM telemetry WHERE device_id = ? AND ts_ms >= ? AND ts_ms < ? GROUP BY boot",
-        (device_id, start_ms - max_interval_ms, start_ms),
+        "SELECT boot, max(ts_ms) FROM telemetry WHERE device_id = ? AND ts_ms >= ? AND ts_ms < ? AND id <= ?"
+        " GROUP BY boot",
+        (device_id, start_ms - max_interval_ms, start_ms, until),
     ).fetchall()
     edges = [
-        _one(conn, "device_id = ? AND ts_ms = ? AND boot = ? ORDER BY seq DESC LIMIT 1", (device_id, ts, boot))
+        _one(
+            conn,
+            "device_id = ? AND ts_ms = ? AND boot = ? AND id <= ? ORDER BY seq DESC LIMIT 1",
+            (device_id, ts, boot, until),
+        )
         for boot, ts in before
     ]
     for r in (*[_reading(r) for r in rows], *edges):
@@ -196,15 +221,27 @@ def window_readings(
     counts = Counter(boot for boot, _ in found)
     for boot, (lo, hi) in spans.items():
         # Usually the readings in the window are all of that seq range already.
-        between = [] if counts[boot] == hi - lo + 1 else _seq_range(conn, device_id, boot, lo, hi)
+        between = [] if counts[boot] == hi - lo + 1 else _seq_range(conn, device_id, boot, lo, hi, until=until)
         ends = (
-            _one(conn, _PRED, (device_id, boot, lo)),
-            _one(conn, _SUCC, (device_id, boot, hi)),
+            _one(conn, _PRED, (device_id, boot, lo, until)),
+            _one(conn, _SUCC, (device_id, boot, hi, until)),
         )
         for r in (*between, *ends):
             if r is not None:
                 found[r.boot, r.seq] = r
     return list(found.values())
+
+
+def head(conn: sqlite3.Connection, device_id: str, until: int) -> EnergyHead | None:
+    """Where the readings of *device_id* with ``id <= until`` end (two index seeks)."""
+    tip = _one(conn, "device_id = ? AND id <= ? ORDER BY boot DESC, seq DESC LIMIT 1", (device_id, until))
+    if tip is None:
+        return None
+    (last,) = conn.execute(
+        "SELECT max(ts_ms) FROM telemetry WHERE device_id = ? AND ts_ms >= ? AND id <= ?",
+        (device_id, tip.ts_ms - tip.ts_ms % PERIOD_MS, until),
+    ).fetchone()
+    return EnergyHead(tip, last)
 
 
 def _has_content(p: EnergyPeriod) -> bool:
@@ -363,14 +400,19 @@ class SqliteEnergyStore:
     async def new_readings(self, after: int, limit: int) -> list[EnergyInput]:
         return await self._read(new_readings, after, limit)
 
-    async def neighbours(self, keys: Sequence[tuple[str, int, int]], old_until: int) -> list[EnergyNeighbours]:
-        return await self._read(neighbours, keys, old_until)
+    async def neighbours(
+        self, keys: Sequence[tuple[str, int, int]], old_until: int, until: int
+    ) -> list[EnergyNeighbours]:
+        return await self._read(neighbours, keys, old_until, until)
 
-    async def window_readings(self, windows: Sequence[tuple[str, int, int]]) -> list[list[EnergyReading]]:
+    async def window_readings(self, windows: Sequence[tuple[str, int, int]], until: int) -> list[list[EnergyReading]]:
         def run(conn: sqlite3.Connection, ws: Iterable[tuple[str, int, int]]) -> list[list[EnergyReading]]:
-            return [window_readings(conn, d, lo, hi, self._max_interval_ms) for d, lo, hi in ws]
+            return [window_readings(conn, d, lo, hi, self._max_interval_ms, until=until) for d, lo, hi in ws]
 
         return await self._read(run, windows)
+
+    async def heads(self, devices: Sequence[str], until: int) -> list[EnergyHead | None]:
+        return await self._read(lambda conn: [head(conn, d, until) for d in devices])
 
     async def save_energy(self, periods: Sequence[tuple[str, EnergyPeriod]], position: int) -> int:
         return await self._writer.run_in_writer(lambda c: save_energy(c, periods, position))

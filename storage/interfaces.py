@@ -18,6 +18,7 @@ from storage.records import (
     CommandRecord,
     DeviceBatch,
     DeviceStateRecord,
+    EnergyHead,
     EnergyInput,
     EnergyNeighbours,
     EnergyPeriod,
@@ -148,12 +149,20 @@ class EnergyStore(Protocol):
         """Up to *limit* telemetry rows with a rowid above *after*, in rowid order."""
         ...
 
-    async def neighbours(self, keys: Sequence[tuple[str, int, int]], old_until: int) -> list[EnergyNeighbours]:
-        """For each ``(device_id, boot, seq)``: its neighbours now and among rowids <= *old_until*."""
+    async def neighbours(
+        self, keys: Sequence[tuple[str, int, int]], old_until: int, until: int
+    ) -> list[EnergyNeighbours]:
+        """For each ``(device_id, boot, seq)``: its neighbours among rowids <= *until*, and among
+        rowids <= *old_until*."""
         ...
 
-    async def window_readings(self, windows: Sequence[tuple[str, int, int]]) -> list[list[EnergyReading]]:
-        """For each ``(device_id, start_ms, end_ms)``: every reading an interval touching it needs."""
+    async def window_readings(self, windows: Sequence[tuple[str, int, int]], until: int) -> list[list[EnergyReading]]:
+        """For each ``(device_id, start_ms, end_ms)``: every reading with a rowid <= *until* that an
+        interval touching it needs."""
+        ...
+
+    async def heads(self, devices: Sequence[str], until: int) -> list[EnergyHead | None]:
+        """For each device, where its readings with a rowid <= *until* end (None: it has none)."""
         ...
 
     async def save_energy(self, periods: Sequence[tuple[str, EnergyPeriod]], position: int) -> int:

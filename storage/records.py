@@ -271,9 +271,9 @@ class PruneResult:
         return sum(self.changed.values())
 
 
-@dataclass(frozen=True, slots=True)
-class EnergyReading:
-    """The energy registers of one stored reading: what the energy aggregator works from."""
+class EnergyReading(NamedTuple):
+    """The energy registers of one stored reading: what the energy aggregator works from. A
+    named tuple: the aggregator builds one per telemetry row (see :class:`TelemetryRow`)."""
 
     boot: int
     seq: int
@@ -304,8 +304,7 @@ class EnergyPeriod:
     complete: bool
 
 
-@dataclass(frozen=True, slots=True)
-class EnergyInput:
+class EnergyInput(NamedTuple):
     """A telemetry row the energy aggregator has not seen yet: its rowid (the cursor), device and registers."""
 
     rowid: int
@@ -322,3 +321,14 @@ class EnergyNeighbours:
     succ: EnergyReading | None
     old_pred: EnergyReading | None
     old_succ: EnergyReading | None
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyHead:
+    """Where a device's readings end, for the energy aggregator's memory of it."""
+
+    #: The device's last reading in ``(boot, seq)`` order.
+    tip: EnergyReading
+    #: The latest device time among its readings from the start of the tip's period on
+    #: (usually the tip's own; later when a clock went back).
+    last_ts_ms: int

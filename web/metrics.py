@@ -66,6 +66,7 @@ FORWARD_FAILURES: Final = PREFIX + "forward_failures"
 FORWARD_ROWS_DROPPED: Final = PREFIX + "forward_rows_dropped"
 RETENTION_DELETED: Final = PREFIX + "retention_deleted_rows"
 ENERGY_READINGS: Final = PREFIX + "energy_readings"
+ENERGY_READINGS_RECOMPUTED: Final = PREFIX + "energy_readings_recomputed"
 ENERGY_PERIODS_WRITTEN: Final = PREFIX + "energy_periods_written"
 ENERGY_FAILURES: Final = PREFIX + "energy_failures"
 ENERGY_CURSOR: Final = PREFIX + "energy_cursor_position"
@@ -139,6 +140,11 @@ class IngestCollector(Collector):
             s.alerts.signals_dropped,
         )
         yield _counter(ENERGY_READINGS, "Telemetry rows taken into energy per period.", s.energy.readings)
+        yield _counter(
+            ENERGY_READINGS_RECOMPUTED,
+            "Of those, rows whose periods were recomputed from the table (late, out of order, first after a start).",
+            s.energy.readings_recomputed,
+        )
         yield _counter(
             ENERGY_PERIODS_WRITTEN, "Energy periods written or rewritten (late readings).", s.energy.periods_written
         )

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterable
 from contextlib import closing
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import anyio
@@ -39,6 +40,8 @@ from tests.energy_scenario import (
     telemetry_batch,
 )
 from tests.unit.test_energy import approx, boot_readings
+from tests.unit.test_energy_aggregator import expected
+from tests.unit.test_energy_incremental import HOUR, arrivals, meter_history
 
 
 @dataclass
@@ -47,6 +50,8 @@ class Energy:
     store: SqliteStore
     energy: SqliteEnergyStore
     actor: EnergyAggregator
+    actor_stats: EnergyStats
+    batch: int
 
     async def insert(self, device_id: str, readings: Iterable[EnergyReading]) -> None:
         await self.store.commit([telemetry_batch(device_id, list(readings))])
@@ -64,7 +69,9 @@ async def open_energy(directory: Path, batch_size: int = 2000) -> Energy:
     path = directory / "node.sqlite3"
     store = SqliteStore(path, synchronous="NORMAL")
     energy = SqliteEnergyStore(path, store)
-    return Energy(path, store, energy, EnergyAggregator(energy, EnergyStats(), EnergyConfig(batch=batch_size)))
+    stats = EnergyStats()
+    actor = EnergyAggregator(energy, stats, EnergyConfig(batch=batch_size))
+    return Energy(path, store, energy, actor, stats, batch_size)
 
 
 @pytest.fixture
@@ -220,3 +227,48 @@ async def test_late_reading_with_a_wrong_clock_on_sqlite(energy: Energy) -> None
     await energy.drain()
     got = await series(energy, T0_MS, T0_MS + 10 * MIN)
     assert [(p.consumed_kwh, p.complete) for p in got] == [(0.0, False), (0.0, False)]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(meter_history(), min_size=1, max_size=3), st.data())
+def test_incremental_path_on_sqlite(histories: list[list[EnergyReading]], data: st.DataObject) -> None:
+    # Meters in order with a few late readings (tests/unit/test_energy_incremental.py), committed
+    # in groups; the aggregator runs between some of them and is restarted (memory lost) at others.
+    meters = {f"emu-{i}": h for i, h in enumerate(histories)}
+    order = data.draw(arrivals(meters), label="arrival")
+    cuts = data.draw(st.lists(st.tuples(st.integers(1, len(order)), st.booleans()), max_size=5), label="runs")
+
+    async def main(directory: Path) -> None:
+        e = await open_energy(directory, batch_size=data.draw(st.integers(1, 10), label="batch"))
+        try:
+            done = 0
+            for cut, restart in sorted(cuts):
+                await insert_all(e, order[done:cut])
+                done = max(done, cut)
+                if restart:
+                    e.actor = EnergyAggregator(e.energy, e.actor_stats, EnergyConfig(batch=e.batch))
+                await e.drain()
+            await insert_all(e, order[done:])
+            await e.drain()
+            assert e.actor_stats.readings == len(order)
+            reader = Reader(e.path)
+            try:
+                for device, readings in meters.items():
+                    lo, hi = period_of(min(r.ts_ms for r in readings)), period_of(max(r.ts_ms for r in readings))
+                    assert await reader.energy(device, lo, hi + PERIOD_MS, PERIOD_MS) == expected(
+                        readings, lo, hi + PERIOD_MS, HOUR
+                    ), device
+            finally:
+                reader.close()
+        finally:
+            e.energy.close()
+            e.store.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        anyio.run(main, Path(tmp))
+
+
+async def insert_all(e: Energy, items: list[tuple[str, EnergyReading]]) -> None:
+    """Commit *items* in arrival order, consecutive readings of one device in one batch."""
+    for device, group in groupby(items, key=lambda item: item[0]):
+        await e.insert(device, [r for _, r in group])

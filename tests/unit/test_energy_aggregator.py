@@ -18,12 +18,12 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.energy import PERIOD_MS, compute_window, period_of
+from actors.energy import DEFAULT_MAX_INTERVAL_MS, PERIOD_MS, compute_window, period_of
 from actors.energy_aggregator import EnergyAggregator, EnergyConfig
 from actors.stats import EnergyStats
 from actors.supervisor import RestartPolicy, supervise
 from storage.errors import StorageError
-from storage.records import EnergyInput, EnergyNeighbours, EnergyPeriod, EnergyReading
+from storage.records import EnergyHead, EnergyInput, EnergyNeighbours, EnergyPeriod, EnergyReading
 from tests.energy_scenario import BOOT7, BOOT8, DEVICE, EXPECTED, EXPECTED_BEFORE_LATE, LATE, MIN, T0_MS
 from tests.unit.test_energy import approx, boot_readings
 
@@ -40,6 +40,12 @@ class FakeEnergyStore:
     saves: int = 0
     fail_next: int = 0
     crash_next: int = 0
+    #: Fail the next save_energy calls (after the batch was taken in).
+    fail_save_next: int = 0
+    #: Calls that read more than the new rows (neighbours, windows, heads).
+    reads: int = 0
+    #: Periods handed to save_energy, changed or not.
+    saved_periods: int = 0
 
     def insert(self, device_id: str, *readings: EnergyReading) -> None:
         for r in readings:
@@ -62,8 +68,11 @@ class FakeEnergyStore:
         await self._io()
         return [EnergyInput(i, d, r) for i, d, r in self.rows if i > after][:limit]
 
-    async def neighbours(self, keys: Sequence[tuple[str, int, int]], old_until: int) -> list[EnergyNeighbours]:
+    async def neighbours(
+        self, keys: Sequence[tuple[str, int, int]], old_until: int, until: int
+    ) -> list[EnergyNeighbours]:
         await self._io()
+        self.reads += 1
 
         def near(device: str, boot: int, seq: int, until: int) -> tuple[EnergyReading | None, EnergyReading | None]:
             same = [r for i, d, r in self.rows if d == device and r.boot == boot and i <= until]
@@ -73,17 +82,35 @@ class FakeEnergyStore:
 
         out = []
         for device, boot, seq in keys:
-            pred, succ = near(device, boot, seq, len(self.rows))
+            pred, succ = near(device, boot, seq, until)
             old_pred, old_succ = near(device, boot, seq, old_until)
             out.append(EnergyNeighbours(pred, succ, old_pred, old_succ))
         return out
 
-    async def window_readings(self, windows: Sequence[tuple[str, int, int]]) -> list[list[EnergyReading]]:
+    async def window_readings(self, windows: Sequence[tuple[str, int, int]], until: int) -> list[list[EnergyReading]]:
         await self._io()
-        return [[r for _, d, r in self.rows if d == device] for device, _, _ in windows]
+        self.reads += 1
+        return [[r for i, d, r in self.rows if d == device and i <= until] for device, _, _ in windows]
+
+    async def heads(self, devices: Sequence[str], until: int) -> list[EnergyHead | None]:
+        await self._io()
+        self.reads += 1
+        out: list[EnergyHead | None] = []
+        for device in devices:
+            mine = [r for i, d, r in self.rows if d == device and i <= until]
+            if not mine:
+                out.append(None)
+                continue
+            tip = max(mine, key=lambda r: (r.boot, r.seq))
+            out.append(EnergyHead(tip, max(r.ts_ms for r in mine if r.ts_ms >= period_of(tip.ts_ms))))
+        return out
 
     async def save_energy(self, periods: Sequence[tuple[str, EnergyPeriod]], position: int) -> int:
         await self._io()
+        if self.fail_save_next > 0:
+            self.fail_save_next -= 1
+            raise StorageError("disk I/O error (injected)")
+        self.saved_periods += len(periods)
         changed = 0
         for device, p in periods:
             old = self.periods.get((device, p.start_ms))
@@ -101,12 +128,15 @@ def stored(store: FakeEnergyStore, device: str, start_ms: int, end_ms: int) -> l
     return [store.periods.get((device, s)) or empty(s) for s in range(start_ms, end_ms, PERIOD_MS)]
 
 
-def expected(readings: list[EnergyReading], start_ms: int, end_ms: int) -> list[EnergyPeriod]:
+def expected(
+    readings: list[EnergyReading], start_ms: int, end_ms: int, max_interval_ms: int = DEFAULT_MAX_INTERVAL_MS
+) -> list[EnergyPeriod]:
+    """The periods from scratch as the store keeps them: a period without content has no row."""
     return [
         p
         if p.covered_ms or p.consumed_kwh or p.regenerated_kwh
         else EnergyPeriod(p.start_ms, 0.0, 0.0, None, None, 0, complete=False)
-        for p in compute_window(readings, start_ms, end_ms)
+        for p in compute_window(readings, start_ms, end_ms, max_interval_ms)
     ]
 
 
