@@ -52,9 +52,11 @@ class Mailbox[T]:
             msg = f"a mailbox needs a capacity of at least 1, got {capacity}"
             raise ValueError(msg)
         self.capacity = capacity
-        self._items: collections.deque[T] = collections.deque()
-        #: Senders waiting for room, in the order they blocked.
-        self._blocked: collections.deque[_Blocked[T]] = collections.deque()
+        # Memory per idle device actor counts (issue #7: <= 25 KB per connected device): an
+        # empty list is 56 bytes where a deque is ~760, and most mailboxes never block a sender.
+        self._items: list[T] = []
+        #: Senders waiting for room, in the order they blocked (created when one first blocks).
+        self._blocked: collections.deque[_Blocked[T]] | None = None
         #: The receiver's wake-up while it waits for the first item of a batch.
         self._receiver: anyio.Event | None = None
         self._send_closed = False
@@ -76,12 +78,15 @@ class Mailbox[T]:
         else:
             return
         blocked = _Blocked(item)
-        self._blocked.append(blocked)
+        waiting = self._blocked
+        if waiting is None:
+            waiting = self._blocked = collections.deque()
+        waiting.append(blocked)
         try:
             await blocked.event.wait()
         finally:
-            if not blocked.taken and blocked in self._blocked:
-                self._blocked.remove(blocked)
+            if not blocked.taken and blocked in waiting:
+                waiting.remove(blocked)
         if not blocked.taken:
             # Woken by a close, not by room.
             if self._receive_closed:
@@ -109,8 +114,7 @@ class Mailbox[T]:
         Raises :class:`anyio.EndOfStream` only when nothing is left: after :meth:`close_sending`
         the last items still come out as a (short) batch, and the next call ends the stream.
         """
-        items = self._items
-        while not items:
+        while not self._items:
             if self._receive_closed:
                 raise anyio.ClosedResourceError
             if self._send_closed:
@@ -134,11 +138,11 @@ class Mailbox[T]:
     def _take(self, max_items: int) -> list[T]:
         items = self._items
         if len(items) <= max_items:
-            batch = list(items)
-            items.clear()
+            batch = items
+            self._items = items = []
         else:
-            popleft = items.popleft
-            batch = [popleft() for _ in range(max_items)]
+            batch = items[:max_items]
+            del items[:max_items]
         blocked = self._blocked
         while blocked and len(items) < self.capacity:
             sender = blocked.popleft()
@@ -172,5 +176,6 @@ class Mailbox[T]:
         if receiver is not None:
             self._receiver = None
             receiver.set()
-        while self._blocked:
-            self._blocked.popleft().event.set()
+        blocked = self._blocked
+        while blocked:
+            blocked.popleft().event.set()
