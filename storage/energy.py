@@ -35,23 +35,17 @@ CURSOR_SOURCE: Final = "telemetry"
 #: The base period (kept equal to ``actors.energy.PERIOD_MS``; storage does not import actors).
 PERIOD_MS: Final = 300_000
 
+#: A row's registers in :class:`EnergyReading`'s field order, as REAL (the contract requires
+#: the two energy registers; a missing reactive one is NULL): rows become readings with
+#: ``EnergyReading._make``, with no conversion in Python. This runs for every telemetry row.
 _REGISTERS: Final = (
-    "boot, seq, ts_ms, json_extract(m, '$.energy_import_kwh'), json_extract(m, '$.energy_export_kwh'),"
-    " json_extract(m, '$.reactive_import_kvarh'), json_extract(m, '$.reactive_export_kvarh')"
+    "boot, seq, ts_ms, CAST(json_extract(m, '$.energy_import_kwh') AS REAL),"
+    " CAST(json_extract(m, '$.energy_export_kwh') AS REAL),"
+    " CAST(json_extract(m, '$.reactive_import_kvarh') AS REAL),"
+    " CAST(json_extract(m, '$.reactive_export_kvarh') AS REAL)"
 )
 
-
-def _reading(row: Sequence[Any]) -> EnergyReading:
-    boot, seq, ts_ms, imp, exp, rimp, rexp = row
-    return EnergyReading(
-        boot,
-        seq,
-        ts_ms,
-        float(imp),
-        float(exp),
-        None if rimp is None else float(rimp),
-        None if rexp is None else float(rexp),
-    )
+_reading: Final = EnergyReading._make
 
 
 def read_cursor(conn: sqlite3.Connection) -> int:
@@ -64,23 +58,10 @@ def new_readings(conn: sqlite3.Connection, after: int, limit: int) -> list[Energ
         f"SELECT id, device_id, {_REGISTERS} FROM telemetry WHERE id > ? ORDER BY id LIMIT ?",  # noqa: S608 - constant columns
         (after, limit),
     ).fetchall()
-    # Built inline: this runs once per telemetry row.
-    return [
-        EnergyInput(
-            rowid,
-            device_id,
-            EnergyReading(
-                boot,
-                seq,
-                ts_ms,
-                float(imp),
-                float(exp),
-                None if ri is None else float(ri),
-                None if re is None else float(re),
-            ),
-        )
-        for rowid, device_id, boot, seq, ts_ms, imp, exp, ri, re in rows
-    ]
+    # This runs once per telemetry row: tuple.__new__ through _make, not the named tuples'
+    # generated __new__ (a Python function call each, a tenth of energy's CPU at saturation).
+    make_input, make_reading = EnergyInput._make, EnergyReading._make
+    return [make_input((row[0], row[1], make_reading(row[2:]))) for row in rows]
 
 
 def _one(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> EnergyReading | None:
