@@ -31,6 +31,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Final
 
+from storage.credentials import transaction
 from storage.records import HistoryCutoffs, PruneResult, RetentionPolicy
 
 #: The final command states (storage.command_contract.CommandState.final); a finished command
@@ -65,14 +66,8 @@ def history_step(c: sqlite3.Connection, policy: RetentionPolicy, cutoffs: Histor
     """
     result = PruneResult()
     commands = [] if cutoffs.history_before is None else _old_commands(c, cutoffs.history_before, limit)
-    c.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(c):
         _step(c, policy, cutoffs, limit, commands=commands, result=result)
-        c.execute("COMMIT")
-    except BaseException:
-        if c.in_transaction:
-            c.execute("ROLLBACK")
-        raise
     return result
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import anyio
 
+from storage.credentials import transaction
 from storage.history_retention import history_step
 from storage.outbox import SOURCES, Source, open_connection, run_in_thread
 from storage.records import HistoryCutoffs, PruneResult, RetentionPolicy
@@ -57,8 +58,7 @@ class RetentionStore:
 
     def _step(self, c: sqlite3.Connection, policy: RetentionPolicy, cutoff: float, limit: int) -> PruneResult:
         result = PruneResult()
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(c):
             bounds = {source: retention_bound(c, policy, source, cutoff) for source in SOURCES}
             deleted = _delete_upto(c, "telemetry", bounds["telemetry"], limit)
             if deleted:
@@ -67,11 +67,6 @@ class RetentionStore:
                 self._raw_step(c, bounds["raw_messages"], limit, result)
             if not result.total:
                 c.execute(_FORGET_OLD_MARKS, (cutoff, cutoff))
-            c.execute("COMMIT")
-        except BaseException:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise
         return result
 
     def _raw_step(self, c: sqlite3.Connection, bound: int, limit: int, result: PruneResult) -> None:
