@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
+import functools
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,16 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ingest import BenchError, Child, children, cpu_seconds, free_port, machine_busy
+from bench.ingest import (
+    BenchError,
+    Child,
+    NodeProcess,
+    children,
+    cpu_seconds,
+    machine_busy,
+    spawn_child,
+    start_node_process,
+)
 from bench.loader import percentile
 
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -66,47 +74,15 @@ class Run:
         self.kids.append(child)
         return child
 
-    def start_node(self) -> tuple[Child, int, httpx.Client]:
-        data = self.tmp / "node-data"
-        out = subprocess.run(
-            [sys.executable, "-m", "node", "keys", "create", "--role", "admin", "--data-dir", str(data)],
-            cwd=REPO,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if out.returncode != 0:
-            raise BenchError(f"keys create failed: {out.stderr.strip()}")
-        key = out.stdout.strip().splitlines()[-1]
-        mqtt_port, http_port = free_port(), free_port()
+    def start_node(self) -> NodeProcess:
         # The bench registers every device through the API with one key, as fast as Argon2
         # allows: the per-key HTTP rate limit (ADR 0011) is off, so a larger --storm than the
         # limit's burst is not throttled into a failed registration.
-        self.env_node = {**self.env, "DEPOT_NODE_LOG_LEVEL": "warning", "DEPOT_NODE_HTTP_RATE_LIMIT_PER_S": "0"}
+        env = {**self.env, "DEPOT_NODE_LOG_LEVEL": "warning", "DEPOT_NODE_HTTP_RATE_LIMIT_PER_S": "0"}
         if self.opts.connect_concurrency is not None:
-            self.env_node["DEPOT_NODE_MQTT_CONNECT_CONCURRENCY"] = str(self.opts.connect_concurrency)
-        child = Child(
-            "node",
-            ["-m", "node", "serve", "--data-dir", str(data), "--mqtt-bind", f"127.0.0.1:{mqtt_port}",
-             "--http-bind", f"127.0.0.1:{http_port}"],
-            env=self.env_node, log=self.tmp / "node.log", stdout_lines=False,
-        )  # fmt: skip
-        self.kids.append(child)
-        base = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 60
-        while True:
-            if child.proc.poll() is not None:
-                raise BenchError(f"node exited with {child.proc.returncode}{child.tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise BenchError(f"node not ready within 60 s{child.tail()}")
-            time.sleep(0.1)
-        client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-        return child, mqtt_port, client
+            env["DEPOT_NODE_MQTT_CONNECT_CONCURRENCY"] = str(self.opts.connect_concurrency)
+        spawn = functools.partial(spawn_child, self.kids, self.tmp, self.env)
+        return start_node_process(spawn, "node", src=REPO, env=env, data=self.tmp / "node-data")
 
     def register(self, client: httpx.Client, prefix: str, count: int) -> list[tuple[str, str]]:
         def one(i: int) -> tuple[str, str]:
@@ -169,8 +145,8 @@ def row(name: str, f: dict[str, float]) -> str:
 def run(opts: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="storm-") as tmp_name, children() as kids:
         r = Run(opts, Path(tmp_name), kids)
-        node_child, port, client = r.start_node()
-        node = psutil.Process(node_child.pid)
+        started_node = r.start_node()
+        node, port, client = started_node.proc, started_node.mqtt_port, started_node.client
         t0 = time.monotonic()
         telemetry_devices = r.register(client, "tele", opts.telemetry)
         storm_devices = r.register(client, "storm", opts.storm)
