@@ -10,6 +10,7 @@ files are found through the distribution's metadata.
 
 from __future__ import annotations
 
+from functools import cache
 from importlib.metadata import distribution
 from pathlib import Path
 from typing import Final
@@ -29,6 +30,7 @@ MAX_AGE_S: Final = 86_400
 bp = Blueprint("docs_ui", __name__)
 
 
+@cache  # a metadata lookup on disk: once per process, not per request
 def static_dir() -> Path:
     return Path(str(distribution("swagger-ui-py").locate_file("swagger_ui/static")))
 
