@@ -33,6 +33,7 @@ from typing import Final, Literal
 
 import anyio
 
+from storage.checkpoint import WRITER_AUTOCHECKPOINT_PAGES
 from storage.energy import EnergyChange, energy_changes
 from storage.errors import StorageError
 from storage.records import Backlog, RawOut, TelemetryOut
@@ -63,6 +64,8 @@ def open_connection(path: Path, *, read_only: bool) -> sqlite3.Connection:
         conn.execute("PRAGMA query_only=ON")
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        # Like the ingest writer's: checkpoints run beside the writers (storage.checkpoint).
+        conn.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
     return conn
 
 
