@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     #: The garbage collector's first threshold for ``serve`` (0 keeps Python's default, 2000);
     #: see node.cli.tune_gc.
     gc_gen0_threshold: int = Field(default=10_000, ge=0, le=10_000_000)
+    #: How long ``serve``'s threads may hold the GIL while another waits for it, in ms (0 keeps
+    #: Python's default, 5 ms); see node.cli.tune_gil.
+    gil_switch_interval_ms: float = Field(default=1.0, ge=0, le=100)
     device_mailbox: int = Field(default=1024, ge=1, le=1_000_000)
     device_idle_timeout_s: float = Field(default=300.0, gt=0)
     #: Close a session that sent no PUBLISH or PINGREQ for this long (0 = never). A backstop
