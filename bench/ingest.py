@@ -563,7 +563,14 @@ def start_node_process(
         if time.monotonic() > deadline:
             raise BenchError(f"{name} not ready within {ready_timeout:.0f} s{child.tail()}")
         time.sleep(0.1)
-    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    # No kept-alive connections: a node idle while another is measured closes them, and a
+    # request racing that close failed a whole run with "Server disconnected".
+    client = httpx.Client(
+        base_url=base,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
     return NodeProcess(child, psutil.Process(child.pid), mqtt_port, http_port, client)
 
 
