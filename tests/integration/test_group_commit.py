@@ -185,9 +185,9 @@ async def test_groups_of_batches_quarantine_and_events_are_stored_in_order(
 async def test_a_failed_group_leaves_nothing_and_the_next_goes_on(store: SqliteStore) -> None:
     good = [batch("dev-a", [message("dev-a", 0, 1)], high=0)]
     await store.commit(good)
-    # The same (id-numbered) raw rows twice in one group cannot go in: the second batch's raw
-    # message ids are fine, but its reading repeats one already stored (OR IGNORE drops it),
-    # so make the group fail another way: a state for a device whose id is NULL.
+    # The group's last statement fails (a device state without a device id, which the table
+    # refuses: a STRICT table's primary key is NOT NULL), after its raw messages and readings
+    # went in: all of it is rolled back.
     bad_state = DeviceStateRecord(
         device_id=None,  # type: ignore[arg-type]
         boot=1,
