@@ -206,15 +206,10 @@ class SqliteStore:
 
         def run(c: sqlite3.Connection) -> int:
             now = time.time()
-            c.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(c):
                 ids = [r[0] for r in c.execute("SELECT device_id FROM device_state WHERE online = 1")]
                 _EVENT.run(c, [v for d in ids for v in (d, now, "disconnected", detail)])
                 c.execute("UPDATE device_state SET online = 0, connected_since = NULL WHERE online = 1")
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
             return len(ids)
 
         return await self._run(run)
@@ -463,8 +458,7 @@ class _GroupRows:
 
     def write(self, conn: sqlite3.Connection) -> None:
         """Commit the rows in one transaction."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             # This connection is the only writer of raw messages' ids (max() on the primary key
             # is a single seek).
             base: int = conn.execute("SELECT coalesce(max(id), 0) FROM raw_messages").fetchone()[0]
@@ -473,11 +467,6 @@ class _GroupRows:
             _QUARANTINE.run(conn, self.quarantine, base)
             _EVENT.run(conn, self.events)
             _STATE.run(conn, self.states)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
 
 #: The columns of :class:`AlertRecord` in its field order, then the rowid (the reader's cursor).
@@ -508,8 +497,7 @@ _CLEAR_ALERT = "UPDATE alerts SET state = 'cleared', cleared_at = ? WHERE alert_
 def _write_alerts(conn: sqlite3.Connection, writes: Sequence[AlertWrite]) -> None:
     # In order, one statement at a time: an alert cleared here must be cleared before the next
     # alert of its (device, rule) is inserted, or the partial unique index refuses the insert.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         for w in writes:
             if conn.execute(_UPDATE_ALERT, (w.detail, w.count, w.last_seen_at, w.alert_id)).rowcount == 0:
                 conn.execute(
@@ -518,11 +506,6 @@ def _write_alerts(conn: sqlite3.Connection, writes: Sequence[AlertWrite]) -> Non
                 )
             if w.cleared_at is not None:
                 conn.execute(_CLEAR_ALERT, (w.cleared_at, w.alert_id))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def _active_devices(c: sqlite3.Connection) -> int:
